@@ -8,6 +8,10 @@ run's "mean of the last 10 evaluated rounds".
     python benchmarks/digits_lt_baselines.py                       # all methods, seeds 0 1 2
     python benchmarks/digits_lt_baselines.py --methods fedavg creff --seeds 0
 
+A method name with the suffix ``@bn`` runs on the CNN with BatchNorm layers (``model.kwargs.norm: batch``, the
+FedBN paper's CNN): FedBN only differs from FedAvg on a model with norm layers, so its row is ``fedbn@bn`` and
+``fedavg@bn`` is the reference on the same backbone.
+
 Finished runs (``final.json`` present) are reused, so an interrupted sweep continues where it stopped.
 """
 
@@ -22,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_METHODS = ["fedavg", "fedprox", "fedavgm", "fedbn", "fedrep", "ditto", "fedrod", "fedbabu", "fedetf",
+DEFAULT_METHODS = ["fedavg", "fedprox", "fedavgm", "fedavg@bn", "fedbn@bn", "fedrep", "ditto", "fedrod", "fedbabu", "fedetf",
                    "fedfocal", "ratioloss", "climb", "creff", "fedgrab", "fedlc"]
 COLUMNS = [("GM acc", "test/global/acc"), ("GM many", "test/global/acc_many"),
            ("GM medium", "test/global/acc_medium"), ("GM few", "test/global/acc_few"),
@@ -31,23 +35,28 @@ LOCAL = ["--method.init_args.lr", "0.05", "--method.init_args.momentum", "0.5",
          "--method.init_args.local_epochs", "2", "--method.init_args.batch_size", "16"]
 
 
-def run_one(method: str, seed: int, rounds: int, root: Path) -> dict:
-    """Runs (or reuses) one (method, seed) and returns its final report."""
+def run_one(row: str, seed: int, rounds: int, root: Path) -> dict:
+    """Runs (or reuses) one (method[@bn], seed) and returns its final report."""
     from fedlt.cli import main
 
-    run_dir = root / f"{method}-s{seed}"
+    method, _, variant = row.partition("@")
+    if variant not in ("", "bn"):
+        raise SystemExit(f"unknown variant {variant!r} in {row!r} (only '@bn')")
+    model = ["--model.kwargs", "{norm: batch}"] if variant == "bn" else []
+    name = f"{method}-bn-s{seed}" if variant else f"{method}-s{seed}"
+    run_dir = root / name
     final = run_dir / "final.json"
     if not final.exists():
         args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-                "--config", str(ROOT / "configs" / "method" / f"{method}.yaml"), *LOCAL,
-                "--seed", str(seed), "--trainer.rounds", str(rounds), "--name", f"{method}-s{seed}",
+                "--config", str(ROOT / "configs" / "method" / f"{method}.yaml"), *LOCAL, *model,
+                "--seed", str(seed), "--trainer.rounds", str(rounds), "--name", name,
                 "--run_dir", str(run_dir), "--logging.wandb", "false", "--logging.progress_bar", "false",
                 "--resume", "auto"]
         t0 = time.time()
         code = main(args)
         if code != 0:
             raise SystemExit(f"{method} seed {seed} failed with exit status {code}")
-        print(f"{method} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+        print(f"{row} seed {seed}: {time.time() - t0:.0f} s", flush=True)
     return json.loads(final.read_text())
 
 
@@ -69,6 +78,7 @@ def table(results: dict[str, list[dict]], seeds: list[int], rounds: int, command
         f"over seeds {', '.join(map(str, seeds))} of each run's mean accuracy (%) over its last 10 evaluated rounds",
         "(evaluation every 2 rounds). GM = global model on the balanced test set; PM = personalized models on",
         "the clients' local test sets. '-' = not defined for the method (no global model, or no test sample).",
+        "Rows `@bn` use the CNN with BatchNorm (FedBN's model); compare `fedbn@bn` with `fedavg@bn`.",
         "",
         f"Regenerate: `{command}`",
         "",

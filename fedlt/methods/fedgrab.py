@@ -15,7 +15,8 @@ is a deterministic function of the global state (identical on every rank, no ser
 Client (Self-adjusting Gradient Balancer, SGB): the loss is the per-class sigmoid (one-vs-all BCE) formulation of
 EQL-v2, summed over the C classes and averaged over the batch. Each class c accumulates the magnitudes of the
 (re-weighted) positive and negative logit gradients it received, pos_c and neg_c (EQL-v2's accumulation), and a
-per-class incremental ("delta") PID controller drives the error e_c = 0 - (pos_c - neg_c) to zero:
+per-class incremental ("delta") PID controller drives the error e_c = 0 - (pos_c - neg_c) / (pos_c + neg_c) to zero
+(``error="normalized"``, the default; ``error="raw"`` uses the unnormalised pos_c - neg_c):
 
     u_c <- u_c + Kp (e_t - e_{t-1}) + Ki e_t + Kd (e_t - 2 e_{t-1} + e_{t-2}),   u_c clamped to [-max_out, max_out],
 
@@ -27,12 +28,16 @@ magnitudes |sigmoid(z) - y| w / n are added to pos/neg. Aggregation: FedAvg.
 
 Hyperparameters (paper symbol, default): ``kp`` (K_P, 10), ``ki`` (K_I, 0.01), ``kd`` (K_D, 0.1) — the gains of
 the authors' released code; ``max_out`` (100, PID output limit), ``weight_max`` (10) and ``map_slope`` (0.5) of
-the mapping f; ``tail_threshold`` (1.0) and ``norm_power`` (1.0) of the DPA; ``persist_state`` (True), plus
+the mapping f; ``tail_threshold`` (1.0) and ``norm_power`` (1.0) of the DPA; ``persist_state`` (True); ``error`` (normalized), plus
 FedAvg's.
 
 Deviations / reconstructed choices:
 - DPA: the L2-norm-of-classifier-rows prior and the "below uniform" tail rule (``tail_threshold`` / C) are our
   reconstruction of the paper's description; the released code opens the controllers of every class.
+- Error normalisation: the raw accumulated difference pos_c - neg_c grows with every step (it is a sum over all
+  past batches), so with K_P = 10 the controller saturates within a few steps and the negative-gradient weight of
+  every open class falls to ~0.01, which collapsed the global model to one class on embedded digits-LT (GM 10 %).
+  The default divides by pos_c + neg_c, a scale-free error in [-1, 1]; ``error="raw"`` keeps the unnormalised one.
 - Controller state (pos/neg accumulators, PID output and last three errors) persists per client across rounds, as
   in the released code (one balancer object per client, never reset); it lives in ``ctx.state``. Set
   ``persist_state=False`` for a fresh controller every round.
@@ -105,6 +110,15 @@ def pid_delta_step(pid: Tensor, current: Tensor, open_mask: Tensor, gains: tuple
     return torch.where(open_mask.bool().unsqueeze(0), new, pid)
 
 
+def sgb_measure(acc: Tensor, error: str = "normalized") -> Tensor:
+    """The controllers' measured value from the (2, C) accumulators: pos - neg, divided by pos + neg when
+    ``error="normalized"`` (scale-free, in [-1, 1]; 0 for a class with no gradient yet)."""
+    diff = acc[0] - acc[1]
+    if error == "normalized":
+        diff = diff / (acc[0] + acc[1]).clamp_min(1e-12)
+    return diff
+
+
 def balance_map(x: Tensor, weight_max: float = 10.0, map_slope: float = 0.5) -> Tensor:
     """f(x) = M / (1 + (M - 1) exp(-k x)): f(0) = 1, f in (0, M)."""
     return weight_max / (1.0 + (weight_max - 1.0) * torch.exp(-map_slope * x))
@@ -166,6 +180,7 @@ class FedGraB(FedAvg):
         tail_threshold: a class is tail (controller open) when its DPA prior is below tail_threshold / C.
         norm_power: exponent r on the classifier row norms in the DPA prior.
         persist_state: keep each client's controller state across rounds (released code) instead of resetting it.
+        error: ``normalized`` ((pos - neg) / (pos + neg), default) or ``raw`` (pos - neg) measured value.
         **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
@@ -177,8 +192,11 @@ class FedGraB(FedAvg):
 
     def __init__(self, kp: float = 10.0, ki: float = 0.01, kd: float = 0.1, max_out: float = 100.0,
                  weight_max: float = 10.0, map_slope: float = 0.5, tail_threshold: float = 1.0,
-                 norm_power: float = 1.0, persist_state: bool = True, **kwargs) -> None:
+                 norm_power: float = 1.0, persist_state: bool = True, error: str = "normalized", **kwargs) -> None:
         super().__init__(**kwargs)
+        if error not in ("normalized", "raw"):
+            raise ValueError(f"error must be 'normalized' or 'raw', got {error!r}")
+        self.error = error
         if weight_max <= 1.0 or max_out <= 0:
             raise ValueError(f"weight_max must be > 1 and max_out > 0, got {weight_max}, {max_out}")
         self.kp, self.ki, self.kd = kp, ki, kd
@@ -212,7 +230,7 @@ class FedGraB(FedAvg):
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         x, y = batch[0], batch[1]
         acc, pid = ctx.state[_ACC], ctx.state[_PID]
-        pid.copy_(pid_delta_step(pid, acc[0] - acc[1], self.open_mask, (self.kp, self.ki, self.kd), self.max_out))
+        pid.copy_(pid_delta_step(pid, sgb_measure(acc, self.error), self.open_mask, (self.kp, self.ki, self.kd), self.max_out))
         pos_w, neg_w = sgb_weights(pid[0], self.open_mask, self.weight_max, self.map_slope)
         loss, grads = sgb_loss(self.model(x), y, pos_w, neg_w)
         acc.add_(grads)

@@ -24,6 +24,9 @@ class CNN(FedModel):
         image_size: input side length; must be at least 4 (two 2x2 max-pools).
         channels: output channels of the two convolutions.
         hidden: width of the fully connected layer (= num_features).
+        norm: ``"none"`` (McMahan et al.) or ``"batch"``: BatchNorm after each convolution and after the fully
+            connected layer, as in the CNN of the FedBN paper (Li et al., ICLR 2021). With ``"batch"`` the layer
+            order (and so the seeded initialisation) differs from the plain CNN.
     """
 
     def __init__(
@@ -33,8 +36,11 @@ class CNN(FedModel):
         image_size: int = 32,
         channels: Sequence[int] = (32, 64),
         hidden: int = 512,
+        norm: str = "none",
     ) -> None:
         super().__init__()
+        if norm not in ("none", "batch"):
+            raise ValueError(f"cnn norm must be 'none' or 'batch', got {norm!r}")
         if len(channels) != 2:
             raise ValueError(f"cnn needs two conv widths in channels, got {list(channels)}")
         if image_size < 4:
@@ -43,15 +49,20 @@ class CNN(FedModel):
         side = image_size // 4  # each MaxPool2d(2) floors the side length
         # Built in the order conv1, conv2, fc, head so that a fixed seed gives the same weights as the
         # equivalent nn.Sequential (tested): initialisation consumes the RNG in construction order.
+        def bn(layer: nn.Module, width: int, two_d: bool) -> list[nn.Module]:
+            if norm == "none":
+                return [layer]
+            return [layer, nn.BatchNorm2d(width) if two_d else nn.BatchNorm1d(width)]
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5, padding=2),
+            *bn(nn.Conv2d(in_channels, c1, 5, padding=2), c1, True),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 5, padding=2),
+            *bn(nn.Conv2d(c1, c2, 5, padding=2), c2, True),
             nn.ReLU(),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(c2 * side * side, hidden),
+            *bn(nn.Linear(c2 * side * side, hidden), hidden, False),
             nn.ReLU(),
         )
         self.num_features = hidden
@@ -71,7 +82,8 @@ def build_cnn(
     pretrained: bool = False,
     channels: Sequence[int] = (32, 64),
     hidden: int = 512,
+    norm: str = "none",
 ) -> CNN:
-    """Registry builder for :class:`CNN` (``channels`` and ``hidden`` shrink it)."""
+    """Registry builder for :class:`CNN` (``channels`` and ``hidden`` shrink it; ``norm: batch`` adds BN)."""
     no_pretrained_weights("cnn", pretrained)
-    return CNN(num_classes, in_channels, image_size, channels, hidden)
+    return CNN(num_classes, in_channels, image_size, channels, hidden, norm)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import run, tiny_sim
@@ -15,6 +16,7 @@ from fedlt.methods.fedgrab import (
     dpa_prior,
     dpa_tail_mask,
     pid_delta_step,
+    sgb_measure,
     sgb_loss,
     sgb_weights,
 )
@@ -123,3 +125,15 @@ def test_controller_state_is_kept_per_client_and_training_is_balanced():
     for cid in range(6):
         after = sim.store.get(cid)["sgb_acc"]
         assert bool((after >= first[cid]["sgb_acc"] - 1e-6).all()) and not torch.equal(after, first[cid]["sgb_acc"])
+
+
+def test_normalized_error_is_scale_free_and_bounded():
+    acc = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 2.0]])
+    torch.testing.assert_close(sgb_measure(acc), torch.tensor([-0.5, 0.0, 0.0]))
+    torch.testing.assert_close(sgb_measure(1000.0 * acc), sgb_measure(acc))
+    torch.testing.assert_close(sgb_measure(acc, "raw"), torch.tensor([-2.0, 0.0, 0.0]))
+    # The raw error grows with the accumulation; the normalized one stays in [-1, 1].
+    assert float(sgb_measure(1000.0 * acc, "raw").abs().max()) == 2000.0
+    assert float(sgb_measure(torch.tensor([[0.0], [5.0]])).abs().max()) == 1.0
+    with pytest.raises(ValueError, match="error"):
+        FedGraB(error="ratio")

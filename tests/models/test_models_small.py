@@ -57,6 +57,17 @@ def test_cnn_shrinks_and_handles_mnist() -> None:
     assert model.forward_features(torch.randn(2, 1, 28, 28)).shape == (2, 16)
 
 
+def test_cnn_batch_norm_variant_has_three_bn_layers() -> None:
+    model = build_model("cnn", 10, in_channels=1, image_size=28, channels=(4, 8), hidden=16, norm="batch")
+    bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    assert [m.num_features for m in bns] == [4, 8, 16]
+    # the same weights plus 2 * (4 + 8 + 16) affine BN parameters
+    assert _num_params(model) == 104 + 808 + 6288 + 170 + 2 * (4 + 8 + 16)
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    with pytest.raises(ValueError, match="norm"):
+        build_model("cnn", 10, norm="group")
+
+
 def test_cnn_rejects_tiny_images() -> None:
     with pytest.raises(ValueError, match="image_size"):
         build_model("cnn", 10, image_size=3)
