@@ -144,11 +144,16 @@ class Experiment:
         if sim.round < self.trainer_cfg.rounds:
             self._print(f"preempted: checkpoint written at round {sim.round}; continue with --resume auto")
             return {"preempted": True, "round": sim.round}
-        sim.method.on_fit_end(sim)
+        post = sim.evaluate() if sim.method.on_fit_end(sim) else None
         report = final_report(history)
+        if post is not None:
+            # A post-training stage changed the models (e.g. FedLoGe's realignment): one more evaluation.
+            report["post_training"] = post
         if self.is_rank_zero:
             (self.run_dir / "final.json").write_text(json.dumps(report, indent=2))
             self._print(format_table(report))
+            if post is not None:
+                self._print("after the post-training stage:\n" + format_table(final_report({sim.round: post}, last=1)))
         return report
 
     def _loop(self, sim: Simulator, history: dict, bar: ProgressBar, flag: PreemptionFlag,

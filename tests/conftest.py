@@ -12,7 +12,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# The machine CI runs on has 2 cores; an explicit OMP_NUM_THREADS wins (the DDP worker processes inherit it, so
+# in-process references and workers use the same thread count).
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

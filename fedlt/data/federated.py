@@ -62,6 +62,10 @@ class FederatedDataset:
         group_convention: many/medium/few rule: ``counts`` (>100 / <20), ``cumulative`` (75 % / 95 %) or
             ``thirds``.
         augment: apply the source's default training augmentation in ``get_batch(train=True)``.
+        mask_absent_classes: PM evaluation only: classes with no sample in a client's local test set can never be
+            predicted for that client (their logits are set to the lowest value). FedLoGe's official code does
+            this (methods.md 1.5); it leaks the local label support into PM, so it is off by default and recorded
+            in the partition summary.
         seed: seed of the LT subsample, the partition and the local test draws; ``None`` (default) uses the
             experiment seed, so a seed sweep also varies the split.
     """
@@ -76,6 +80,7 @@ class FederatedDataset:
         local_test: str = "proportional",
         group_convention: str = "counts",
         augment: bool = True,
+        mask_absent_classes: bool = False,
         seed: int | None = None,
     ) -> None:
         if local_test not in LOCAL_TEST_PROTOCOLS:
@@ -90,6 +95,7 @@ class FederatedDataset:
         self.local_test = local_test
         self.group_convention = group_convention
         self.augment = augment
+        self.mask_absent_classes = mask_absent_classes
         self.seed = seed
         self.device: torch.device | None = None
         self.source_name = source.name
@@ -166,11 +172,17 @@ class FederatedDataset:
         self.client_sizes = self.client_class_counts.sum(1)
         self.groups = class_groups(self.class_counts, self.group_convention)
         self.local_test_shortfall = np.asarray(shortfall, dtype=np.int64)
+        test_y = test.y.cpu()
+        self.client_test_classes = torch.stack([
+            torch.bincount(test_y[torch.as_tensor(np.asarray(p), dtype=torch.int64)], minlength=num_classes) > 0
+            for p in client_test_indices
+        ]) if client_test_indices else torch.zeros(0, num_classes, dtype=torch.bool)
 
     def _move(self, device: torch.device) -> None:
         self.train, self.test = self.train.to(device), self.test.to(device)
         self.client_indices = [p.to(device) for p in self.client_indices]
         self.client_test_indices = [p.to(device) for p in self.client_test_indices]
+        self.client_test_classes = self.client_test_classes.to(device)
         if self._stats is not None:
             mean = torch.tensor(self._stats[0], dtype=torch.float32, device=device).view(1, -1, 1, 1)
             std = torch.tensor(self._stats[1], dtype=torch.float32, device=device).view(1, -1, 1, 1)
@@ -214,6 +226,7 @@ class FederatedDataset:
             "lt_profile": self.lt_profile,
             "partition": self.partition.describe() if self.partition is not None else {"name": "given"},
             "local_test": self.local_test,
+            "mask_absent_classes": self.mask_absent_classes,
             "seed": self.seed,
             "group_convention": self.group_convention,
             "group_sizes": {name: int(group_sizes[g]) for g, name in enumerate(GROUP_NAMES)},
@@ -250,6 +263,7 @@ class FederatedDataset:
         num_classes: int,
         client_test_indices: list[Tensor] | None = None,
         group_convention: str = "counts",
+        mask_absent_classes: bool = False,
     ) -> FederatedDataset:
         """An already set-up dataset from given tensors and partition (benchmarks, tests).
 
@@ -264,6 +278,7 @@ class FederatedDataset:
             num_classes: number of classes C.
             client_test_indices: per-client index tensors into the test set; default empty for every client.
             group_convention: many/medium/few rule (see ``class_groups``).
+            mask_absent_classes: see the class docstring.
 
         Returns:
             A dataset whose tensors stay on ``train_x``'s device.
@@ -272,6 +287,7 @@ class FederatedDataset:
         obj.source, obj.source_name, obj.partition, obj._stats = None, "tensors", None, None
         obj.imbalance_factor, obj.lt_profile, obj.local_test, obj.seed = None, "given", "given", None
         obj.group_convention, obj.augment, obj._augment = group_convention, False, None
+        obj.mask_absent_classes = mask_absent_classes
         obj._scale = obj._shift = None
         obj.class_names, obj.lt_indices = [str(c) for c in range(num_classes)], None
         device = train_x.device

@@ -4,6 +4,8 @@
 * PM: every client's personalized model on its own local test set (``test/personal/*``), over all K clients.
   For a method without personal state the PM of every client is the global model, so the global test set is
   predicted once and each client's local test set (a subset of it, methods.md 1.5) is read off by index.
+* With ``data.mask_absent_classes`` (FedLoGe's evaluation, methods.md 1.5), a client's PM can only predict the
+  classes present in its local test set; every client is then predicted with its own mask.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Evaluator:
         groups = torch.as_tensor(data.groups, dtype=torch.long)
         self.gm = GroupedAccuracy(data.num_classes, groups).to(sim.device)
         self.pm = PersonalizedAccuracy(data.num_clients, data.num_classes, groups).to(sim.device)
+        self._masking = bool(getattr(data, "mask_absent_classes", False))
 
     def _batches(self, idx: Tensor):
         data, bs = self.sim.data, self.sim.eval_batch_size
@@ -55,7 +58,7 @@ class Evaluator:
             out.update(_prefixed("test/global/", self.gm.compute()))
             self.gm.reset()
         clients = range(sim.rank, sim.data.num_clients, sim.world_size)
-        if preds is not None and not method.personalizes:
+        if preds is not None and not method.personalizes and not self._masking:
             self._pm_from_global(preds, clients)
         else:
             self._pm_personal(clients)
@@ -90,7 +93,11 @@ class Evaluator:
         sim = self.sim
         with sim.trainer.autocast():
             for x, y in self._batches(idx):
-                self.pm.update(sim.method.predict_personal(x, k).argmax(1), y, k)
+                logits = sim.method.predict_personal(x, k)
+                if self._masking:
+                    present = sim.data.client_test_classes[k]
+                    logits = logits.masked_fill(~present, torch.finfo(logits.dtype).min)
+                self.pm.update(logits.argmax(1), y, k)
 
     def _pm_personal(self, clients: range) -> None:
         sim = self.sim

@@ -236,8 +236,10 @@ class FedMethod:
         """The server half used by this method."""
         return Reducer()
 
-    def on_fit_end(self, simulator: Any) -> None:
-        """Post-training stages (realignment, classifier re-training, ...)."""
+    def on_fit_end(self, simulator: Any) -> bool | None:
+        """Post-training stages (realignment, classifier re-training, ...). Return ``True`` when the stage changed
+        what GM/PM predict: the experiment then evaluates once more and stores it under ``post_training``."""
+        return None
 
     def server_state_dict(self) -> dict[str, Any]:
         """Method-owned state to checkpoint besides the reducer (default: none)."""

@@ -28,8 +28,8 @@ magnitudes |sigmoid(z) - y| w / n are added to pos/neg. Aggregation: FedAvg.
 
 Hyperparameters (paper symbol, default): ``kp`` (K_P, 10), ``ki`` (K_I, 0.01), ``kd`` (K_D, 0.1) — the gains of
 the authors' released code; ``max_out`` (100, PID output limit), ``weight_max`` (10) and ``map_slope`` (0.5) of
-the mapping f; ``tail_threshold`` (1.0) and ``norm_power`` (1.0) of the DPA; ``persist_state`` (True); ``error`` (normalized), plus
-FedAvg's.
+the mapping f; ``tail_threshold`` (1.0) and ``norm_power`` (1.0) of the DPA; ``persist_state`` (True);
+``error`` (normalized), plus FedAvg's.
 
 Deviations / reconstructed choices:
 - DPA: the L2-norm-of-classifier-rows prior and the "below uniform" tail rule (``tail_threshold`` / C) are our
@@ -230,7 +230,8 @@ class FedGraB(FedAvg):
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         x, y = batch[0], batch[1]
         acc, pid = ctx.state[_ACC], ctx.state[_PID]
-        pid.copy_(pid_delta_step(pid, sgb_measure(acc, self.error), self.open_mask, (self.kp, self.ki, self.kd), self.max_out))
+        gains = (self.kp, self.ki, self.kd)
+        pid.copy_(pid_delta_step(pid, sgb_measure(acc, self.error), self.open_mask, gains, self.max_out))
         pos_w, neg_w = sgb_weights(pid[0], self.open_mask, self.weight_max, self.map_slope)
         loss, grads = sgb_loss(self.model(x), y, pos_w, neg_w)
         acc.add_(grads)

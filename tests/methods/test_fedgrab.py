@@ -16,8 +16,8 @@ from fedlt.methods.fedgrab import (
     dpa_prior,
     dpa_tail_mask,
     pid_delta_step,
-    sgb_measure,
     sgb_loss,
+    sgb_measure,
     sgb_weights,
 )
 
