@@ -34,6 +34,7 @@ DEFAULT_METHODS = ["fedavg", "fedprox", "fedavgm", "fedavg@bn", "fedbn@bn", "fed
 COLUMNS = [("GM acc", "test/global/acc"), ("GM many", "test/global/acc_many"),
            ("GM medium", "test/global/acc_medium"), ("GM few", "test/global/acc_few"),
            ("PM mean", "test/personal/acc_mean")]
+NOTES = "## Notes"
 LOCAL = ["--method.init_args.lr", "0.05", "--method.init_args.momentum", "0.5",
          "--method.init_args.local_epochs", "2", "--method.init_args.batch_size", "16"]
 
@@ -107,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {m: [run_one(m, s, args.rounds, args.run_root) for s in args.seeds] for m in args.methods}
     command = "python benchmarks/digits_lt_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table(results, args.seeds, args.rounds, command.strip(), args.title))
+    # Hand-written commentary below the "## Notes" heading of an existing table survives regeneration.
+    notes = ""
+    if args.out.exists() and NOTES in args.out.read_text():
+        notes = "\n" + NOTES + args.out.read_text().split(NOTES, 1)[1]
+    args.out.write_text(table(results, args.seeds, args.rounds, command.strip(), args.title) + notes)
     print(args.out.read_text())
     return 0
 

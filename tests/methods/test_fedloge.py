@@ -3,7 +3,9 @@ GA-FR / LA-FR norms, PM logits, the post-training realignment and absent-class m
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,8 @@ from fedlt.methods.fedetf import simplex_etf
 from fedlt.methods.fedloge import FedLoGe, build_sse_c, ga_fr, la_fr, sparsity_mask, sse_loss
 from fedlt.models import build_model
 from fedlt.types import ClientUpdate
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _angles(w: torch.Tensor) -> torch.Tensor:
@@ -178,15 +182,13 @@ def test_gm_and_pm_logits_follow_the_documented_formulas(pm_logits, source):
 def test_post_training_realignment_logs_like_the_code_then_realigns(tmp_path):
     from fedlt.cli import main
 
-    args = ["fit", "--config", "configs/quickstart.yaml", "--config", "configs/method/fedloge.yaml",
+    args = ["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--config", str(CONFIGS / "method" / "fedloge.yaml"),
             "--method.init_args.sse_steps", "20", "--method.init_args.realign", "post_training",
             "--method.init_args.local_epochs", "1", "--method.init_args.batch_size", "32",
             "--data.num_clients", "6", "--data.source.init_args.train_per_class", "100", "--trainer.rounds", "2",
             "--trainer.clients_per_round", "3", "--run_dir", str(tmp_path / "run"), "--logging.wandb", "false",
             "--logging.progress_bar", "false"]
     assert main(args) == 0
-    import json
-
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     post = final["post_training"]
     assert set(post) >= {"test/global/acc", "test/personal/acc_mean"}
