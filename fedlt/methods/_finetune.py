@@ -1,10 +1,11 @@
-"""Helpers shared by methods that fine-tune locally or keep fixed tensors (FedBABU, FedETF, FedRoD).
+"""Helpers shared by methods that fine-tune locally or keep fixed tensors (FedBABU, FedETF, FedRoD, FedLoGe).
 
 * :func:`seeded_generator`: a CPU generator derived from the data seed and method-chosen words, never from the
   global RNG or the rank (DESIGN.md section 4: anything random uses a deterministic generator).
 * :func:`trainable_only`: temporarily makes exactly the given tensors trainable.
 * :func:`finetune`: epochs of local SGD on one client's training split through the engine's trainer (so precision
   and clipping stay correct), used by ``prepare_personal`` (PM fine-tuning is never stored).
+* :func:`client_features`: a client's frozen-body features, for fine-tuning a head on them.
 * :class:`FrozenKeysReducer`: FedAvg that keeps some global tensors bit-for-bit (frozen heads, fixed ETFs).
 """
 
@@ -105,6 +106,17 @@ def client_counts(method: FedMethod, client_id: int) -> Tensor:
     """(C,) float tensor: client ``client_id``'s training label histogram, on the data's device."""
     counts = np.asarray(method.data.client_class_counts[client_id])
     return torch.as_tensor(counts, dtype=torch.float32, device=method.data.client_indices[client_id].device)
+
+
+@torch.no_grad()
+def client_features(method: FedMethod, client_id: int) -> tuple[Tensor, Tensor]:
+    """The workspace backbone's features (eval mode, no augmentation) and labels of a client's training split,
+    for fine-tuning a head on a frozen body (FedETF stage 2, FedLoGe's LA-FR fine-tuning)."""
+    data, idx = method.data, method.data.client_indices[client_id]
+    method.model.eval()
+    with method.trainer.autocast():
+        feats = [method.model.forward_features(data.get_batch(data.train, part, None)[0]) for part in idx.split(512)]
+    return torch.cat(feats).float(), data.train.y[idx]
 
 
 class FrozenKeysReducer(Reducer):

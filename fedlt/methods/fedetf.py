@@ -41,7 +41,14 @@ from torch import Tensor, nn
 
 from fedlt.engine.local_loop import LocalTrainer
 from fedlt.losses import BalancedSoftmax, Loss
-from fedlt.methods._finetune import FrozenKeysReducer, client_counts, finetune, seeded_generator, trainable_only
+from fedlt.methods._finetune import (
+    FrozenKeysReducer,
+    client_counts,
+    client_features,
+    finetune,
+    seeded_generator,
+    trainable_only,
+)
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import PaperRef
@@ -160,7 +167,7 @@ class FedETF(FedAvg):
     def _alternate(self, client_id: int, gen: torch.Generator) -> None:
         """Stage 2: alternately fine-tune M and the projection with cross-entropy on the frozen body's features."""
         head = self.model.head
-        cached = self._client_features(client_id)
+        cached = client_features(self, client_id)
 
         def ce(features: Tensor, y: Tensor) -> Tensor:
             return F.cross_entropy(head(features), y)
@@ -172,11 +179,3 @@ class FedETF(FedAvg):
                 finetune(self, client_id, params, ce, self.personal_epochs, self.proj_lr, gen, self.momentum,
                          self.weight_decay, cached=cached)
 
-    @torch.no_grad()
-    def _client_features(self, client_id: int) -> tuple[Tensor, Tensor]:
-        """The body's features (eval mode, no augmentation) and labels of the client's training split."""
-        data, idx = self.data, self.data.client_indices[client_id]
-        self.model.eval()
-        with self.trainer.autocast():
-            feats = [self.model.forward_features(data.get_batch(data.train, part, None)[0]) for part in idx.split(512)]
-        return torch.cat(feats).float(), data.train.y[idx]

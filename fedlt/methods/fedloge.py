@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlt.methods._finetune import FrozenKeysReducer, finetune, seeded_generator, trainable_only
+from fedlt.methods._finetune import FrozenKeysReducer, client_features, finetune, seeded_generator, trainable_only
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
 from fedlt.methods.fedetf import simplex_etf
@@ -314,21 +314,12 @@ class FedLoGe(FedAvg):
             def loss_fn(h: Tensor, y: Tensor) -> Tensor:
                 return F.cross_entropy(self._personal_logits(h, weight, bias), y)
 
-            cached = self._client_features(client_id)
+            cached = client_features(self, client_id)
             gen = seeded_generator(self.data, "fedloge-la-fr", client_id)
             with trainable_only(self.model, [weight, bias]) as params:
                 finetune(self, client_id, params, loss_fn, self.la_fr_finetune_epochs, self.lr, gen, self.momentum,
                          self.weight_decay, cached=cached)
         self._pm_cache = (client_id, weight.detach(), bias.detach())
-
-    @torch.no_grad()
-    def _client_features(self, client_id: int) -> tuple[Tensor, Tensor]:
-        """The frozen backbone's features (eval mode, no augmentation) and labels of the client's training split."""
-        data, idx = self.data, self.data.client_indices[client_id]
-        self.model.eval()
-        with self.trainer.autocast():
-            feats = [self.model.forward_features(data.get_batch(data.train, part, None)[0]) for part in idx.split(512)]
-        return torch.cat(feats).float(), data.train.y[idx]
 
     def predict_personal(self, x: Tensor, client_id: int) -> Tensor:
         h = self.model.forward_features(x)
