@@ -144,8 +144,39 @@ def cmd_methods(argv: Sequence[str]) -> int:
     return 0
 
 
+def _fit_all_domains(parser: Any, cfg: Any, init: Any) -> int:
+    """``data.target_domain: all``: one leave-one-domain-out run per domain (in ``<run_dir>/<domain>``), then the
+    per-target and mean accuracies, printed and written to ``<run_dir>/domains.json``."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from fedlt.callbacks.report import domain_summary, format_domain_table
+
+    root = Path(init.run_dir or os.path.join("runs", init.name))
+    reports: dict[str, dict[str, Any]] = {}
+    for domain in init.data.domain_names:
+        sub = copy.deepcopy(cfg)
+        sub.data.target_domain = domain
+        sub.name = f"{init.name}-{domain}"
+        sub.run_dir = str(root / domain)
+        print(f"fedlt: target domain {domain} ({len(reports) + 1}/{len(init.data.domain_names)})", flush=True)
+        report = _experiment(parser, sub, parser.instantiate_classes(sub)).fit()
+        if report.get("preempted"):
+            return EXIT_PREEMPTED
+        reports[domain] = report
+    summary = domain_summary(reports)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "domains.json").write_text(json.dumps(summary, indent=2))
+        print(format_domain_table(summary), flush=True)
+    return 0
+
+
 def _run_command(command: str, argv: Sequence[str]) -> int:
     parser, cfg, init = _build(command, argv)
+    if command == "fit" and getattr(init.data, "target_domain", None) == "all":
+        return _fit_all_domains(parser, cfg, init)
     exp = _experiment(parser, cfg, init)
     if command == "fit":
         if exp.fit().get("preempted"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from fedlt.data.digits_dg import EmbeddedDigitsDG
+from fedlt.data.domain_sources import PACS, DigitsDG, MiniDomainNet, OfficeHome
+from fedlt.data.domains import DOMAIN_LAYOUTS, DomainData, DomainSource, DomainSplit, leave_one_domain_out
 from fedlt.data.federated import LOCAL_TEST_PROTOCOLS, FederatedDataset, TensorSplit
 from fedlt.data.local_test import local_test_quotas, proportional_local_test
 from fedlt.data.longtail import (
@@ -41,11 +44,22 @@ from fedlt.data.sources import (
     channel_stats,
     default_cache_dir,
 )
-from fedlt.data.transforms import TensorAugment
+from fedlt.data.transforms import ImageAugment, TensorAugment
 
 __all__ = [
     "CIFAR10",
     "CIFAR100",
+    "DOMAIN_LAYOUTS",
+    "PACS",
+    "DigitsDG",
+    "DomainData",
+    "DomainSource",
+    "DomainSplit",
+    "EmbeddedDigitsDG",
+    "ImageAugment",
+    "MiniDomainNet",
+    "OfficeHome",
+    "leave_one_domain_out",
     "GROUP_CONVENTIONS",
     "GROUP_NAMES",
     "IID",

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedlt.data.domains import DOMAIN_LAYOUTS, DomainData, leave_one_domain_out
 from fedlt.data.local_test import proportional_local_test
 from fedlt.data.longtail import GROUP_NAMES, class_groups, longtail_indices
 from fedlt.data.partition import Dirichlet, Partitioner
@@ -26,10 +27,19 @@ from fedlt.data.transforms import TensorAugment
 
 __all__ = ["LOCAL_TEST_PROTOCOLS", "FederatedDataset", "TensorSplit"]
 
+
+
+def _no_local_test(counts: np.ndarray, test_y: np.ndarray, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    # Domain generalization: the test set is an unseen domain, so there is no per-client local test set.
+    return [np.zeros(0, dtype=np.int64) for _ in counts], np.zeros_like(counts)
+
+
 LOCAL_TEST_PROTOCOLS: dict[str, Callable[..., tuple[list[np.ndarray], np.ndarray]]] = {
     "proportional": proportional_local_test,
+    "none": _no_local_test,
 }
-"""Local test protocols of methods.md 1.5 by config name (T-A ``proportional`` is the library default)."""
+"""Local test protocols of methods.md 1.5 by config name (T-A ``proportional`` is the library default; ``none``,
+the default for multi-domain data, evaluates no personalised model)."""
 
 
 @dataclass
@@ -58,7 +68,8 @@ class FederatedDataset:
         imbalance_factor: long-tail imbalance factor IF = n_max / n_min (>= 1; 1 keeps the classes balanced).
         lt_profile: long-tail profile, ``exp`` (Cao et al.) or ``step``.
         partition: how training samples are split over clients; default ``Dirichlet()`` (NIID-Bench, alpha 0.5).
-        local_test: local test protocol for personalised evaluation; ``proportional`` (methods.md 1.5 T-A).
+        local_test: local test protocol for personalised evaluation: ``proportional`` (methods.md 1.5 T-A, the
+            default) or ``none``; multi-domain sources default to ``none`` (the test set is an unseen domain).
         group_convention: many/medium/few rule: ``counts`` (>100 / <20), ``cumulative`` (75 % / 95 %) or
             ``thirds``.
         augment: apply the source's default training augmentation in ``get_batch(train=True)``.
@@ -68,6 +79,18 @@ class FederatedDataset:
             in the partition summary.
         seed: seed of the LT subsample, the partition and the local test draws; ``None`` (default) uses the
             experiment seed, so a seed sweep also varies the split.
+        target_domain: multi-domain sources only (PACS, Digits-DG, ...; methods.md 1.8): the held-out domain whose
+            every image is the test set and never a training or validation image. ``all`` is expanded by
+            ``fedlt fit`` into one run per domain plus the mean.
+        domain_layout: multi-domain sources only: ``per_domain`` (one client per source domain, the default),
+            ``clients_per_domain`` (FedCCRL-style Dirichlet spread) or ``centralized`` (one client holding every
+            source domain). ``num_clients`` and ``partition`` are then ignored: the layout fixes the clients.
+        clients_per_domain: clients per source domain in the ``clients_per_domain`` layout.
+        domain_alpha: Dirichlet concentration of the ``clients_per_domain`` layout (<= 0: pure domains).
+        val_fraction: multi-domain sources only: share of a source domain held out for in-domain validation
+            (``val/domain/<name>/acc``) when the dataset has no official validation split. ``imbalance_factor`` > 1
+            additionally subsamples every source domain's training images with the long-tail profile (class 0
+            head); 1 keeps the natural class balance of the dataset.
     """
 
     def __init__(
@@ -77,12 +100,20 @@ class FederatedDataset:
         imbalance_factor: float = 100.0,
         lt_profile: str = "exp",
         partition: Partitioner | None = None,
-        local_test: str = "proportional",
+        local_test: str | None = None,
         group_convention: str = "counts",
         augment: bool = True,
         mask_absent_classes: bool = False,
         seed: int | None = None,
+        target_domain: str | None = None,
+        domain_layout: str = "per_domain",
+        clients_per_domain: int = 2,
+        domain_alpha: float = 1.0,
+        val_fraction: float = 0.1,
     ) -> None:
+        domain_names = tuple(getattr(source, "domains", ()))
+        if local_test is None:
+            local_test = "none" if domain_names else "proportional"
         if local_test not in LOCAL_TEST_PROTOCOLS:
             raise ValueError(
                 f"unknown local_test protocol {local_test!r}; valid protocols: {', '.join(LOCAL_TEST_PROTOCOLS)}"
@@ -97,6 +128,24 @@ class FederatedDataset:
         self.augment = augment
         self.mask_absent_classes = mask_absent_classes
         self.seed = seed
+        if domain_names:
+            valid = ", ".join((*domain_names, "all"))
+            if target_domain is None:
+                raise ValueError(f"{source.name} is a multi-domain dataset: set data.target_domain to one of {valid}")
+            if target_domain != "all" and target_domain not in domain_names:
+                raise ValueError(f"unknown target_domain {target_domain!r} for {source.name}; valid: {valid}")
+            if domain_layout not in DOMAIN_LAYOUTS:
+                raise ValueError(f"unknown domain_layout {domain_layout!r}; valid: {', '.join(DOMAIN_LAYOUTS)}")
+        elif target_domain is not None:
+            raise ValueError(f"data.target_domain needs a multi-domain source; {source.name} has no domains")
+        self.domain_names: list[str] = list(domain_names)
+        self.target_domain = target_domain
+        self.domain_layout = domain_layout
+        self.clients_per_domain = clients_per_domain
+        self.domain_alpha = domain_alpha
+        self.val_fraction = val_fraction
+        self.val: TensorSplit | None = None  # source-domain validation images (multi-domain data)
+        self.client_val_indices: list[Tensor] = []  # per client, indices into ``val``
         self.device: torch.device | None = None
         self.source_name = source.name
         self._augment: TensorAugment | None = None
@@ -121,7 +170,14 @@ class FederatedDataset:
         """
         device = torch.device(device)
         if self.device is None:
-            self._build(self.source.load())
+            if self.target_domain == "all":
+                raise ValueError("target_domain 'all' is expanded by `fedlt fit` into one run per domain; a single "
+                                 f"dataset needs one of {', '.join(self.domain_names)}")
+            data = self.source.load()
+            if isinstance(data, DomainData):
+                self._build_domains(data)
+            else:
+                self._build(data)
         if self.device != device:
             self._move(device)
 
@@ -146,6 +202,58 @@ class FederatedDataset:
         self._stats = (tuple(data.mean), tuple(data.std))
         self._augment = self.source.augment if self.augment else None
         self.lt_indices = lt_idx
+
+    def _build_domains(self, data: DomainData) -> None:
+        """Leave-one-domain-out split (methods.md 1.8) of a multi-domain dataset."""
+        seed = 0 if self.seed is None else self.seed
+        labels, dom = data.y.numpy(), data.domain.numpy()
+        target = data.domains.index(self.target_domain)
+        ds = leave_one_domain_out(labels, dom, data.split.numpy(), target, self.domain_layout,
+                                  self.clients_per_domain, self.domain_alpha, self.val_fraction, seed)
+        train_all = np.sort(np.concatenate(ds.train))
+        if self.imbalance_factor > 1:
+            # Long-tail subsample of every source domain's training images (class 0 = head), before the layout's
+            # clients see them: a client keeps its images that survive its domain's subsample.
+            keep = [train_all[dom[train_all] == d][longtail_indices(
+                labels[train_all[dom[train_all] == d]], data.num_classes, self.imbalance_factor, self.lt_profile,
+                seed + d)] for d in ds.sources]
+            train_all = np.sort(np.concatenate(keep))
+        pos = np.full(labels.shape[0], -1, dtype=np.int64)
+        pos[train_all] = np.arange(train_all.size)
+        clients = [pos[t][pos[t] >= 0] for t in ds.train]
+        empty = [k for k, c in enumerate(clients) if c.size == 0]
+        if empty:
+            raise ValueError(f"client(s) {empty} hold no training image after the long-tail subsample; "
+                             "lower imbalance_factor")
+        val_pos = np.full(labels.shape[0], -1, dtype=np.int64)
+        val_pos[ds.val] = np.arange(ds.val.size)
+
+        def split(idx: np.ndarray) -> TensorSplit:
+            t = torch.from_numpy(idx)
+            return TensorSplit(data.x[t], data.y[t], data.domain[t])
+
+        train, test = split(train_all), split(ds.test)
+        counts = np.stack([np.bincount(labels[train_all[c]], minlength=data.num_classes) for c in clients])
+        local, shortfall = LOCAL_TEST_PROTOCOLS[self.local_test](counts, data.y[torch.from_numpy(ds.test)].numpy(),
+                                                                 seed)
+        self._install(train=train, test=test, client_indices=clients, client_test_indices=local,
+                      num_classes=data.num_classes, shortfall=shortfall)
+        self.val = split(ds.val)
+        self.client_val_indices = [torch.from_numpy(val_pos[v]) for v in ds.client_val]
+        self.class_names = list(data.class_names)
+        self.domain_names = list(data.domains)
+        self.source_domain_ids = list(ds.sources)
+        self.target_domain_id = ds.target
+        self.client_domain_counts = np.stack(
+            [np.bincount(dom[train_all[c]], minlength=len(data.domains)) for c in clients]).astype(np.int64)
+        self._stats = (tuple(data.mean), tuple(data.std))
+        self._augment = self.source.augment if self.augment else None
+        self.lt_indices = train_all
+
+    @property
+    def num_domains(self) -> int:
+        """Number of domains M of a multi-domain dataset (1 for single-domain data)."""
+        return max(1, len(self.domain_names))
 
     def _install(
         self,
@@ -180,6 +288,9 @@ class FederatedDataset:
 
     def _move(self, device: torch.device) -> None:
         self.train, self.test = self.train.to(device), self.test.to(device)
+        if self.val is not None:
+            self.val = self.val.to(device)
+            self.client_val_indices = [p.to(device) for p in self.client_val_indices]
         self.client_indices = [p.to(device) for p in self.client_indices]
         self.client_test_indices = [p.to(device) for p in self.client_test_indices]
         self.client_test_classes = self.client_test_classes.to(device)
@@ -192,8 +303,11 @@ class FederatedDataset:
 
     def get_batch(
         self, split: TensorSplit, idx: Tensor, generator: torch.Generator | None = None, train: bool = False
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, ...]:
         """Gathers a batch, converts to float, augments (training only) and normalises.
+
+        Multi-domain splits also return the domain ids, so every batch of domain data carries them; methods take
+        ``batch[0]``, ``batch[1]`` (and ``batch[2]`` when they use domains).
 
         Args:
             split: ``self.train`` or ``self.test`` (or any split on the same device).
@@ -202,7 +316,7 @@ class FederatedDataset:
             train: whether this is a training batch (augmentation on).
 
         Returns:
-            (x float (B, C, H, W), y int64 (B,)).
+            (x float (B, C, H, W), y int64 (B,)), plus domain ids int64 (B,) when the split has them.
         """
         x = split.x[idx]
         if x.dtype == torch.uint8:
@@ -213,12 +327,14 @@ class FederatedDataset:
         if self._scale is not None:
             # In place is safe: tensor indexing above always produced a fresh tensor.
             x = x.mul_(self._scale).sub_(self._shift)
+        if split.domain is not None:
+            return x, split.y[idx], split.domain[idx]
         return x, split.y[idx]
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable description of the federated split for logs and plots."""
         group_sizes = np.bincount(self.groups, minlength=len(GROUP_NAMES))
-        return {
+        out = {
             "source": self.source_name,
             "num_classes": int(self.num_classes),
             "num_clients": int(self.num_clients),
@@ -239,6 +355,18 @@ class FederatedDataset:
             "local_test_sizes": [int(p.numel()) for p in self.client_test_indices],
             "local_test_shortfall": int(self.local_test_shortfall.sum()),
         }
+        if self.domain_names and hasattr(self, "target_domain_id"):
+            out.update({
+                "domains": self.domain_names,
+                "target_domain": self.domain_names[self.target_domain_id],
+                "source_domains": [self.domain_names[d] for d in self.source_domain_ids],
+                "domain_layout": self.domain_layout,
+                "clients_per_domain": self.clients_per_domain if self.domain_layout == "clients_per_domain" else None,
+                "domain_alpha": self.domain_alpha if self.domain_layout == "clients_per_domain" else None,
+                "val_size": len(self.val) if self.val is not None else 0,
+                "client_domain_counts": self.client_domain_counts.tolist(),
+            })
+        return out
 
     def save_summary(self, path: str | os.PathLike[str]) -> None:
         """Writes ``summary()`` as JSON, atomically (temporary file + rename).
@@ -288,6 +416,7 @@ class FederatedDataset:
         obj.imbalance_factor, obj.lt_profile, obj.local_test, obj.seed = None, "given", "given", None
         obj.group_convention, obj.augment, obj._augment = group_convention, False, None
         obj.mask_absent_classes = mask_absent_classes
+        obj.domain_names, obj.target_domain, obj.val, obj.client_val_indices = [], None, None, []
         obj._scale = obj._shift = None
         obj.class_names, obj.lt_indices = [str(c) for c in range(num_classes)], None
         device = train_x.device

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,6 +75,43 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(flat.mean(1).tolist()), tuple(flat.std(1, unbiased=False).tolist())
 
 
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """The tensors saved in ``path``, or None when the file is missing or unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError):
+        # Missing or unreadable (e.g. truncated by a crash before atomic writes existed): rebuild.
+        return None
+
+
+def _write_cache(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Saves ``tensors`` to ``path`` atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(tensors, tmp)
+    os.replace(tmp, path)  # atomic: concurrent readers see the old file or the complete new one
+
+
+def _load_or_build(path: Path, build: Callable[[], dict[str, Tensor]]) -> tuple[dict[str, Any], float | None]:
+    """Reads the cached tensors at ``path``, or calls ``build`` and caches its result.
+
+    Args:
+        path: cache file; its name should hold every parameter of the build and a synthesis version.
+        build: builds the tensors when the cache is missing or unreadable.
+
+    Returns:
+        (tensors, seconds of the build, or None when read from the cache).
+    """
+    tensors = _read_cache(path) if path.exists() else None
+    if tensors is not None:
+        return tensors, None
+    start = time.perf_counter()
+    tensors = build()
+    seconds = time.perf_counter() - start
+    _write_cache(path, tensors)
+    return tensors, seconds
+
+
 class DataSource(ABC):
     """Base of the data sources: ``load()`` returns a ``SourceData``; ``augment`` is the default augmentation."""
 
@@ -130,30 +168,16 @@ class EmbeddedDigits(DataSource):
         params = f"{self.image_size}-{self.train_per_class}-{self.test_per_class}-{self.holdout_per_class}"
         return root / f"digits-{params}-s{self.seed}-v{DIGITS_VERSION}.pt"
 
-    def _read_cache(self, path: Path) -> dict[str, Any] | None:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError):
-            # Missing or unreadable (e.g. truncated by a crash before atomic writes existed): rebuild.
-            return None
-
-    def _write_cache(self, path: Path, tensors: dict[str, Tensor]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(tensors, tmp)
-        os.replace(tmp, path)  # atomic: concurrent readers see the old file or the complete new one
-
     def load(self) -> SourceData:
         """Reads the cache, or builds the dataset (a few seconds) and caches it."""
-        path = self.cache_path
-        tensors = self._read_cache(path) if path.exists() else None
-        if tensors is None:
-            start = time.perf_counter()
-            tensors = build_digits(
+        tensors, seconds = _load_or_build(
+            self.cache_path,
+            lambda: build_digits(
                 self.image_size, self.train_per_class, self.test_per_class, self.holdout_per_class, self.seed
-            )
-            self.last_build_s = time.perf_counter() - start
-            self._write_cache(path, tensors)
+            ),
+        )
+        if seconds is not None:  # a cache hit keeps the time of this instance's last build
+            self.last_build_s = seconds
         mean, std = channel_stats(tensors["train_x"])
         return SourceData(
             train_x=tensors["train_x"],

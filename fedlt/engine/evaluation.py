@@ -6,6 +6,10 @@
   predicted once and each client's local test set (a subset of it, methods.md 1.5) is read off by index.
 * With ``data.mask_absent_classes`` (FedLoGe's evaluation, methods.md 1.5), a client's PM can only predict the
   classes present in its local test set; every client is then predicted with its own mask.
+* Multi-domain data (methods.md 1.8): GM accuracy per domain of the test set (the held-out target domain,
+  ``test/domain/<name>/acc``) and on the source domains' held-out validation images (``val/domain/<name>/acc``
+  and ``val/acc``, for model selection by training-domain validation). Without local test sets (the default for
+  domain data) no PM is evaluated.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ class Evaluator:
         self.pm = PersonalizedAccuracy(data.num_clients, data.num_classes, groups).to(sim.device)
         self._masking = bool(getattr(data, "mask_absent_classes", False))
 
-    def _batches(self, idx: Tensor):
+    def _batches(self, idx: Tensor, split=None):
         data, bs = self.sim.data, self.sim.eval_batch_size
+        split = data.test if split is None else split
         for start in range(0, int(idx.numel()), bs):
-            yield data.get_batch(data.test, idx[start : start + bs], None, train=False)
+            batch = data.get_batch(split, idx[start : start + bs], None, train=False)
+            yield batch[0], batch[1]
 
     def _load_global(self) -> None:
         sim = self.sim
@@ -57,29 +63,51 @@ class Evaluator:
             preds = self._global_predictions()
             out.update(_prefixed("test/global/", self.gm.compute()))
             self.gm.reset()
-        clients = range(sim.rank, sim.data.num_clients, sim.world_size)
-        if preds is not None and not method.personalizes and not self._masking:
-            self._pm_from_global(preds, clients)
-        else:
-            self._pm_personal(clients)
-        out.update(_prefixed("test/personal/", self.pm.compute()))
-        self.pm.reset()
+            out.update(self._domain_metrics())
+        if any(int(i.numel()) for i in sim.data.client_test_indices):
+            clients = range(sim.rank, sim.data.num_clients, sim.world_size)
+            if preds is not None and not method.personalizes and not self._masking:
+                self._pm_from_global(preds, clients)
+            else:
+                self._pm_personal(clients)
+            out.update(_prefixed("test/personal/", self.pm.compute()))
+            self.pm.reset()
         sim.model.train()
         return out
 
-    def _global_predictions(self) -> Tensor:
-        """Predicted labels of the whole global test set on every rank; GM metric updated on this rank's shard."""
+    def _global_predictions(self, split=None) -> Tensor:
+        """Predicted labels of a whole split (default: the global test set) on every rank; the GM metric is
+        updated on this rank's shard of the test set."""
         sim = self.sim
-        n = len(sim.data.test)
+        test = split is None
+        n = len(sim.data.test if test else split)
         shard = torch.arange(sim.rank, n, sim.world_size, device=sim.device)
         preds = torch.zeros(n, device=sim.device)
         with sim.trainer.autocast():
-            for (x, y), start in zip(self._batches(shard), range(0, n, sim.eval_batch_size)):
+            for (x, y), start in zip(self._batches(shard, split), range(0, n, sim.eval_batch_size)):
                 p = sim.method.predict_global(x).argmax(1)
-                self.gm.update(p, y)
+                if test:
+                    self.gm.update(p, y)
                 preds[shard[start : start + sim.eval_batch_size]] = p.float()
         # Sum of disjoint shards = every prediction on every rank (needed for PM by index).
-        return all_reduce_sum_(sim.fabric, preds).long()
+        preds = all_reduce_sum_(sim.fabric, preds).long()
+        if test:
+            self._test_preds = preds
+        return preds
+
+    def _domain_metrics(self) -> dict[str, float]:
+        """Per-domain GM accuracy on the test set (target domain) and the source-domain validation set."""
+        data = self.sim.data
+        names = getattr(data, "domain_names", [])
+        if not names or data.test.domain is None:
+            return {}
+        out = _per_domain("test/domain/", self._test_preds, data.test, names)
+        val = getattr(data, "val", None)
+        if val is not None and len(val):
+            preds = self._global_predictions(val)
+            out.update(_per_domain("val/domain/", preds, val, names))
+            out["val/acc"] = float((preds == val.y).float().mean())
+        return out
 
     def _pm_from_global(self, preds: Tensor, clients: range) -> None:
         test_y = self.sim.data.test.y
@@ -110,6 +138,15 @@ class Evaluator:
                 sim.method.prepare_personal(k)
             sim.model.eval()
             self._predict_personal(idx, k)
+
+
+def _per_domain(prefix: str, preds: Tensor, split, names: list[str]) -> dict[str, float]:
+    correct = (preds == split.y).float()
+    out = {}
+    for d in torch.unique(split.domain).tolist():
+        mask = split.domain == d
+        out[f"{prefix}{names[d]}/acc"] = float(correct[mask].mean())
+    return out
 
 
 def _prefixed(prefix: str, values: dict[str, Tensor]) -> dict[str, float]:

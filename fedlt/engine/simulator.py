@@ -123,6 +123,7 @@ class Simulator:
         self.model.to(device)
         self.trainer = LocalTrainer(self.data, self.fabric, self.precision)
         self.method.experiment_seed = self.seed  # for server-side generators (never the global RNG or the rank)
+        self.method.total_rounds = self.rounds  # for schedules over training progress (e.g. DANN's)
         self.method.setup(self.model, self.data, self.trainer)
         tensors = model_tensors(self.model)
         shared_keys, personal_keys = split_keys(tensors, self.method.is_personal)
@@ -165,7 +166,11 @@ class Simulator:
     def train_client(self, client_id: int, message: ServerMessage) -> tuple[dict[str, Tensor], int]:
         """Local fit of one client; folds its update into the reducer and saves its persistent state."""
         state = self.load_client(client_id)
-        gen = torch.Generator().manual_seed(self.client_seed_fn(self.seed, message.round, client_id))
+        seed = self.client_seed_fn(self.seed, message.round, client_id)
+        gen = torch.Generator().manual_seed(seed)
+        # Layers that draw from the global RNG (dropout) get a stream fixed by (seed, round, client), so results do
+        # not depend on the world size, on earlier clients of the rank, or on a resume.
+        torch.manual_seed(seed ^ 0x5DEECE66D)
         ctx = ClientContext(
             client_id=client_id,
             round=message.round,

@@ -32,7 +32,8 @@ def default_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[EmbeddedDi
 
 
 def test_registry() -> None:
-    assert SOURCES.names() == ["cifar10", "cifar100", "digits", "fashionmnist", "mnist"]
+    assert SOURCES.names() == ["cifar10", "cifar100", "digits", "digits_dg", "digitsdg", "fashionmnist",
+                               "minidomainnet", "mnist", "officehome", "pacs"]
     assert SOURCES.get("digits") is EmbeddedDigits
 
 

@@ -1,0 +1,93 @@
+"""Issue 5 end to end: the flagship PACS config (missing data, and a fake PACS tree) and ``target_domain: all``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedlt.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+PACS = str(ROOT / "configs" / "fedtail_pacs.yaml")
+DIGITS_DG = str(ROOT / "configs" / "fedtail_digits_dg.yaml")
+sys.path.insert(0, str(ROOT / "tests" / "data"))
+from fake_domains import write_fake_pacs  # noqa: E402
+
+QUIET = ["--logging.wandb", "false", "--logging.progress_bar", "false"]
+
+
+def test_flagship_without_pacs_exits_2_with_the_layout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the config's data root data/PACS does not exist here
+    assert main(["fit", "--config", PACS, "--run_dir", str(tmp_path / "run"), *QUIET]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedlt: error:") and "Traceback" not in err
+    assert "data/PACS" in err and "art_painting" in err and "domaingeneralization.github.io" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_flagship_runs_one_round_on_a_fake_pacs_tree(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_fake_pacs(tmp_path / "data" / "PACS", per_class=2, size=32)
+    run = tmp_path / "run"
+    code = main(["fit", "--config", PACS, "--run_dir", str(run), "--trainer.rounds", "1",
+                 "--trainer.accelerator", "cpu", "--model.pretrained", "false",
+                 "--data.source.init_args.image_size", "32", "--data.source.init_args.cache_dir", str(tmp_path / "c"),
+                 *QUIET])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    final = json.loads((run / "final.json").read_text())
+    # Target art_painting: 7 classes x 2 images, all of them in the test set and none in training.
+    part = json.loads((run / "partition.json").read_text())
+    assert part["target_domain"] == "art_painting" and part["test_size"] == 14
+    assert part["source_domains"] == ["cartoon", "photo", "sketch"] and part["num_clients"] == 3
+    acc = final["final"]["test/domain/art_painting/acc"]
+    assert 0.0 <= acc <= 1.0 and acc == final["final"]["test/global/acc"]
+    assert "target art_painting" in out
+
+
+def test_target_domain_all_reports_every_target_and_the_mean(tmp_path, capsys):
+    run = tmp_path / "all"
+    code = main(["fit", "--config", DIGITS_DG, "--method", "FedAvg", "--data.target_domain", "all",
+                 "--data.source.init_args.per_class", "20", "--data.source.init_args.val_per_class", "4",
+                 "--data.source.init_args.image_size", "16", "--trainer.rounds", "1", "--run_dir", str(run), *QUIET])
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads((run / "domains.json").read_text())
+    targets = ["plain", "textured", "inverted", "thick"]
+    assert list(summary["targets"]) == targets
+    for name in targets:
+        report = json.loads((run / name / "final.json").read_text())
+        assert summary["targets"][name]["final"] == report["final"][f"test/domain/{name}/acc"]
+        assert json.loads((run / name / "partition.json").read_text())["target_domain"] == name
+    mean = sum(t["final"] for t in summary["targets"].values()) / 4
+    assert summary["mean"]["final"] == pytest.approx(mean)
+    table = out[out.index("target domain") :]
+    assert all(name in table for name in targets) and "mean" in table
+
+
+def test_target_all_is_expanded_only_by_fit(tmp_path, capsys):
+    code = main(["validate", "--config", DIGITS_DG, "--data.target_domain", "all", "--ckpt_path",
+                 str(tmp_path / "missing.ckpt")])
+    assert code == 2
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "dg").glob("fedtail_*.yaml")), ids=lambda p: p.name)
+def test_dg_configs_resolve_and_name_their_target(config, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exc.value.code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"]["target_domain"] and resolved["method"]["class_path"].endswith("FedTAIL")
+
+
+def test_centralized_dgviaer_composes_with_the_flagship(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", PACS, "--config", str(ROOT / "configs" / "dg" / "dgviaer_pacs_centralized.yaml"),
+              "--print_config"])
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"]["domain_layout"] == "centralized"
+    assert resolved["method"]["class_path"].endswith("DGviaER")
