@@ -73,7 +73,6 @@ from fedlt.methods._dg import (
     domain_head_extras,
     domain_head_keys,
     entropy_regularization,
-    grad_reverse,
     make_discriminator,
     make_domain_heads,
 )
@@ -484,12 +483,17 @@ class FedTAIL(FedAvg):
         return StepOutput(loss=None, parts=parts)
 
     def _adversarial(self, h: Tensor, dom: Tensor, g_cls, coh_on: bool, add) -> dict[str, Tensor]:
-        """L_adv through the reversal layer (step 1) and the coherence penalty (step 2) on the clean graph."""
+        """L_adv with the reversed extractor gradient (step 1) and the coherence penalty (step 2) on the clean graph."""
         theta = self._theta
-        l_d = F.cross_entropy(self.model.dg_disc(grad_reverse(h, self._kappa())), dom)
+        # The extractor's reversed gradient -kappa grad_theta L_D is formed explicitly rather than by a GRL inside the
+        # graph: under create_graph a GRL would also reverse (and scale) the second-order path through the features,
+        # and the coherence update would not be the gradient of L_coh (same first-order step).
+        l_d = F.cross_entropy(self.model.dg_disc(h), dom)
         weight = self.adv_weight * self._warm
-        g_adv = torch.autograd.grad(weight * l_d, theta + self._psi, retain_graph=True, create_graph=coh_on,
-                                    allow_unused=True)
+        g_d = torch.autograd.grad(weight * l_d, theta + self._psi, retain_graph=True, create_graph=coh_on,
+                                  allow_unused=True)
+        kappa = self._kappa()
+        g_adv = [None if g is None else -kappa * g for g in g_d[: len(theta)]] + list(g_d[len(theta) :])
         add(theta + self._psi, g_adv)
         parts = {"adv": l_d.detach()}
         if coh_on:  # coherence between the task and the (reversed) adversarial gradients on the extractor

@@ -84,10 +84,28 @@ def test_dg_configs_resolve_and_name_their_target(config, capsys):
     assert resolved["data"]["target_domain"] and resolved["method"]["class_path"].endswith("FedTAIL")
 
 
-def test_centralized_dgviaer_composes_with_the_flagship(capsys):
+OVERLAYS = sorted(p for p in (ROOT / "configs" / "dg").glob("*.yaml") if not p.name.startswith("fedtail_"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_baseline_overlays_compose_with_the_flagship(overlay, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", PACS, "--config", str(ROOT / "configs" / "dg" / "dgviaer_pacs_centralized.yaml"),
-              "--print_config"])
+        main(["fit", "--config", PACS, "--config", str(overlay), "--print_config"])
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["data"]["domain_layout"] == "centralized"
-    assert resolved["method"]["class_path"].endswith("DGviaER")
+    method = overlay.stem.split("_", 1)[0]
+    assert resolved["method"]["class_path"].rsplit(".", 1)[-1].lower() == method
+    assert resolved["method"]["init_args"]["lr"] == 0.001  # the flagship's local training settings
+    assert resolved["data"]["domain_layout"] == ("centralized" if "centralized" in overlay.stem else "per_domain")
+
+
+def test_flagship_without_pretrained_weights_explains_how_to_provide_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: the weights cannot be found
+    write_fake_pacs(tmp_path / "data" / "PACS", per_class=1, size=16)
+    code = main(["fit", "--config", PACS, "--run_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu",
+                 "--data.source.init_args.image_size", "16", "--data.source.init_args.cache_dir", str(tmp_path / "c"),
+                 *QUIET])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "resnet50" in err and "checkpoint_path" in err and "pretrained: false" in err
