@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from fedlt.data.domains import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, DomainData, DomainSource
-from fedlt.data.sources import SOURCES, DatasetNotFoundError, default_cache_dir
+from fedlt.data.sources import SOURCES, DatasetNotFoundError, default_cache_dir, read_cache, write_cache
 from fedlt.data.transforms import ImageAugment
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PACS", "DigitsDG", "MiniDomainNet", "OfficeHome"]
@@ -195,23 +195,11 @@ class _FolderDomainSource(DomainSource):
     @staticmethod
     def _read_cache(path: Path, expected: dict[str, Tensor]) -> Tensor | None:
         """The cached images when the cache exists, is readable and matches the labels, domains and splits."""
-        if not path.exists():
-            return None
-        try:
-            data: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, ValueError):
-            return None  # unreadable (e.g. truncated): decode again
+        data = read_cache(path) if path.exists() else None
         if not isinstance(data, dict):
-            return None
+            return None  # missing or unreadable (e.g. truncated): decode again
         ok = all(isinstance(data.get(k), Tensor) and torch.equal(data[k], v) for k, v in expected.items())
         return data["x"] if ok and isinstance(data.get("x"), Tensor) else None
-
-    @staticmethod
-    def _write_cache(path: Path, tensors: dict[str, Tensor]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save(tensors, tmp)
-        os.replace(tmp, path)  # atomic: concurrent readers see no file or the complete one
 
     def _decode_all(self, root: Path, files: list[str]) -> Tensor:
         s = self.image_size
@@ -257,7 +245,7 @@ class _FolderDomainSource(DomainSource):
             start = time.perf_counter()
             x = self._decode_all(root, files)
             self.last_build_s = time.perf_counter() - start
-            self._write_cache(path, {"x": x, **meta})
+            write_cache(path, {"x": x, **meta})
         return DomainData(
             domains=list(self.domains),
             x=x,

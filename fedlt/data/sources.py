@@ -75,7 +75,7 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(flat.mean(1).tolist()), tuple(flat.std(1, unbiased=False).tolist())
 
 
-def _read_cache(path: Path) -> dict[str, Any] | None:
+def read_cache(path: Path) -> dict[str, Any] | None:
     """The tensors saved in ``path``, or None when the file is missing or unreadable."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -84,7 +84,7 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_cache(path: Path, tensors: dict[str, Tensor]) -> None:
+def write_cache(path: Path, tensors: dict[str, Tensor]) -> None:
     """Saves ``tensors`` to ``path`` atomically (a temporary file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -102,13 +102,13 @@ def _load_or_build(path: Path, build: Callable[[], dict[str, Tensor]]) -> tuple[
     Returns:
         (tensors, seconds of the build, or None when read from the cache).
     """
-    tensors = _read_cache(path) if path.exists() else None
+    tensors = read_cache(path) if path.exists() else None
     if tensors is not None:
         return tensors, None
     start = time.perf_counter()
     tensors = build()
     seconds = time.perf_counter() - start
-    _write_cache(path, tensors)
+    write_cache(path, tensors)
     return tensors, seconds
 
 
