@@ -75,6 +75,12 @@ def _usage_error(message: str) -> int:
         m = re.match(r"Problem with given class_path '([^']+)': (.*?)(?= - Expected a <class 'NoneType'>|$)", last)
         if m:
             text = f"{m.group(2).strip(' -')} (in {m.group(1).rsplit('.', 1)[-1]}; see fedlt fit --help)"
+    elif "Does not validate against any of the Union subtypes" in text and "Errors: - " in text:
+        # A constructor rejected a value (e.g. an unknown choice): keep that error, drop the schema dump.
+        first = text.split("Errors: - ", 1)[1].split(" - Expected a <class 'NoneType'>", 1)[0].strip(" -")
+        m = re.search(r"class_path='([^']+)'", text)
+        where = f" (in {m.group(1).rsplit('.', 1)[-1]}; see fedlt fit --help)" if m else ""
+        text = f"{first}{where}"
     print(f"fedlt: error: {text}", file=sys.stderr)
     return EXIT_USAGE
 
