@@ -13,6 +13,7 @@ HEADLINE = (
     ("GM worst class", "test/global/acc_worst_class"),
     ("PM mean", "test/personal/acc_mean"),
     ("PM worst 10%", "test/personal/acc_worst10"),
+    ("PM worst class", "test/personal/acc_worst_class_mean"),  # balancedness (a), per client then averaged
     ("PM few", "test/personal/acc_few"),
 )
 

@@ -1,8 +1,9 @@
-"""torchmetrics classes keeping per-class correct/total counts (DESIGN.md section 6).
+"""torchmetrics classes keeping per-class correct/total/predicted counts (DESIGN.md section 6).
 
 The states are integer counts with ``dist_reduce_fx="sum"``, so synchronising over ranks is exact and every
-reported number (overall, many / medium / few, worst class, std, ...) is computed from the same state by the pure
-functions of :mod:`fedlt.metrics.functional`.
+reported number (overall, many / medium / few, and the FedPuReL balancedness candidates -- worst class, min/max
+ratio, worst 10 %, std, predicted-class min/max ratio; definition pending, methods.md 1.7) is computed from the
+same state by the pure functions of :mod:`fedlt.metrics.functional`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class GroupedAccuracy(torchmetrics.Metric):
         **kwargs: forwarded to :class:`torchmetrics.Metric` (e.g. ``sync_on_compute``).
 
     ``compute()`` returns the keys of :func:`~fedlt.metrics.functional.classification_summary` as 0-dim float
-    tensors.
+    tensors, including every balancedness candidate (the definition is unresolved, methods.md 1.7; ``balancedness``
+    is an alias of the default candidate (a), ``acc_worst_class``). States: ``correct`` / ``total`` per true class
+    and ``predicted`` (how many samples were predicted as each class, for candidate (d)), all (C,) long.
     """
 
     full_state_update: bool = False
@@ -35,6 +38,7 @@ class GroupedAccuracy(torchmetrics.Metric):
 
     correct: Tensor
     total: Tensor
+    predicted: Tensor
     groups: Tensor
 
     def __init__(self, num_classes: int, groups: Tensor | Sequence[int], **kwargs: Any) -> None:
@@ -44,6 +48,7 @@ class GroupedAccuracy(torchmetrics.Metric):
         self.register_buffer("groups", _as_groups(groups, num_classes), persistent=False)
         self.add_state("correct", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("predicted", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Accumulates one batch.
@@ -56,10 +61,12 @@ class GroupedAccuracy(torchmetrics.Metric):
         hits = target[labels == target]
         self.correct += torch.bincount(hits, minlength=self.num_classes)
         self.total += torch.bincount(target, minlength=self.num_classes)
+        self.predicted += torch.bincount(labels, minlength=self.num_classes)
 
     def compute(self) -> dict[str, Tensor]:
         """Returns the summary of :func:`~fedlt.metrics.functional.classification_summary` as 0-dim tensors."""
-        return _to_tensors(classification_summary(self.correct, self.total, self.groups), self.correct.device)
+        summary = classification_summary(self.correct, self.total, self.groups, self.predicted)
+        return _to_tensors(summary, self.correct.device)
 
 
 class PersonalizedAccuracy(torchmetrics.Metric):
@@ -71,7 +78,10 @@ class PersonalizedAccuracy(torchmetrics.Metric):
         groups: (C,) group id per class, 0 = many, 1 = medium, 2 = few.
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
 
-    ``compute()`` returns the keys of :func:`~fedlt.metrics.functional.personal_summary` as 0-dim float tensors.
+    ``compute()`` returns the keys of :func:`~fedlt.metrics.functional.personal_summary` as 0-dim float tensors,
+    including the per-client balancedness candidates averaged over clients (definition pending, methods.md 1.7;
+    ``balancedness`` is an alias of ``acc_worst_class_mean``). States: ``correct`` / ``total`` per (client, true
+    class) and ``predicted`` per (client, predicted class), all (K, C) long.
     """
 
     full_state_update: bool = False
@@ -80,6 +90,7 @@ class PersonalizedAccuracy(torchmetrics.Metric):
 
     correct: Tensor
     total: Tensor
+    predicted: Tensor
     groups: Tensor
 
     def __init__(self, num_clients: int, num_classes: int, groups: Tensor | Sequence[int], **kwargs: Any) -> None:
@@ -90,6 +101,7 @@ class PersonalizedAccuracy(torchmetrics.Metric):
         shape = (num_clients, num_classes)
         self.add_state("correct", torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("predicted", torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor, client_id: int | Tensor) -> None:
         """Accumulates one batch evaluated by one client's (or several clients') personalized model.
@@ -106,10 +118,13 @@ class PersonalizedAccuracy(torchmetrics.Metric):
         size = self.num_clients * self.num_classes
         self.correct += torch.bincount(cell[labels == target], minlength=size).view(self.correct.shape)
         self.total += torch.bincount(cell, minlength=size).view(self.total.shape)
+        pred_cell = clients * self.num_classes + labels
+        self.predicted += torch.bincount(pred_cell, minlength=size).view(self.predicted.shape)
 
     def compute(self) -> dict[str, Tensor]:
         """Returns the summary of :func:`~fedlt.metrics.functional.personal_summary` as 0-dim tensors."""
-        return _to_tensors(personal_summary(self.correct, self.total, self.groups), self.correct.device)
+        summary = personal_summary(self.correct, self.total, self.groups, self.predicted)
+        return _to_tensors(summary, self.correct.device)
 
 
 def _check_positive(value: int, name: str) -> int:
@@ -145,7 +160,9 @@ def _as_labels(preds: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor,
         raise ValueError(f"preds and target disagree on batch size: {labels.shape[0]} vs {target.shape[0]}")
     target = target.long()
     _check_range(target, num_classes, "target labels")
-    return labels.long(), target
+    labels = labels.long()
+    _check_range(labels, num_classes, "predicted labels")  # would alias another cell of the predicted counts
+    return labels, target
 
 
 def _as_client_ids(client_id: int | Tensor, target: Tensor, num_clients: int) -> Tensor:

@@ -6,6 +6,22 @@ over ranks (``dist_reduce_fx="sum"`` in :mod:`fedlt.metrics.classification`).
 
 Class groups are an int64 tensor ``groups`` of shape (C,) with 0 = many, 1 = medium, 2 = few
 (methods.md 1.6; the convention that produced them is the data package's business).
+
+Balancedness (FedPuReL, methods.md 1.7 and Appendix R section 3): the definition is **unresolved** (the paper gives
+numbers but no formula, the official code computes none). Every candidate is therefore logged, all as fractions in
+[0, 1] like the accuracies (the report prints them x 100, the scale of the paper's numbers), over the classes with
+at least one test sample:
+
+* (a) ``acc_worst_class``: min_c acc_c (the default definition, also logged under the alias ``balancedness``);
+* (b) ``acc_minmax_ratio``: min_c acc_c / max_c acc_c (``nan`` if max_c acc_c = 0);
+* (c) ``acc_worst10_classes``: mean of the ceil(10 %) lowest acc_c; plus ``acc_class_std``, the std of acc_c;
+* (d) ``pred_minmax_ratio``: min_c p_c / max_c p_c where p_c counts the test samples *predicted* as class c
+  (a prediction-bias measure); predictions of classes without test samples are ignored (they enter neither the
+  min nor the max), ``nan`` if no prediction falls on a class with test samples or the predicted counts are
+  unknown.
+
+:func:`balancedness` selects one candidate by ``kind``; the summaries log them all (PM: per client on its local
+test set, then the mean over clients, methods.md 1.7).
 """
 
 from __future__ import annotations
@@ -19,6 +35,16 @@ GROUP_NAMES: tuple[str, str, str] = ("many", "medium", "few")
 
 # methods.md 1.7 option (c): "mean accuracy of the worst 10 % of classes"; the same fraction is used for clients.
 WORST_FRACTION: float = 0.1
+
+# Balancedness candidates of methods.md 1.7 / Appendix R section 3 -> summary key (definition pending).
+BALANCEDNESS_KINDS: dict[str, str] = {
+    "worst_class": "acc_worst_class",  # (a), the default
+    "minmax_ratio": "acc_minmax_ratio",  # (b)
+    "worst10_classes": "acc_worst10_classes",  # (c)
+    "class_std": "acc_class_std",  # spread (lower is more balanced)
+    "pred_minmax_ratio": "pred_minmax_ratio",  # (d)
+}
+DEFAULT_BALANCEDNESS: str = "worst_class"
 
 
 def per_class_accuracy(correct: Tensor, total: Tensor) -> Tensor:
@@ -42,60 +68,110 @@ def per_class_accuracy(correct: Tensor, total: Tensor) -> Tensor:
     return torch.where(total64 > 0, correct64 / total64.clamp_min(1.0), nan)
 
 
-def classification_summary(correct: Tensor, total: Tensor, groups: Tensor) -> dict[str, float]:
+def classification_summary(
+    correct: Tensor, total: Tensor, groups: Tensor, predicted: Tensor | None = None
+) -> dict[str, float]:
     """Global-model (GM) accuracy summary from per-class counts (methods.md 1.4, 1.6, 1.7).
 
     Args:
         correct: (C,) correct counts per class.
         total: (C,) test-sample counts per class.
         groups: (C,) group id per class, 0 = many, 1 = medium, 2 = few.
+        predicted: optional (C,) counts of test samples predicted as each class (for candidate (d)).
 
     Returns:
         ``acc`` (micro: sum correct / sum total), ``acc_many`` / ``acc_medium`` / ``acc_few`` (micro inside the
-        group, ``nan`` when the group has no test sample), ``acc_worst_class`` (min_c acc_c over classes with
-        samples), ``acc_class_std`` (population std of acc_c over classes with samples) and
-        ``acc_worst10_classes`` (mean of the lowest ceil(10 % of evaluated classes) acc_c). All ``nan`` when
-        there is no test sample at all.
+        group, ``nan`` when the group has no test sample) and the balancedness candidates of the module docstring
+        over classes with samples (definition pending, methods.md 1.7): ``acc_worst_class`` (a),
+        ``acc_minmax_ratio`` (b), ``acc_worst10_classes`` (c), ``acc_class_std`` (population std of acc_c),
+        ``pred_minmax_ratio`` (d; ``nan`` without ``predicted``) and ``balancedness`` (alias of (a), the default).
+        All ``nan`` when there is no test sample at all.
 
     Raises:
-        ValueError: on shape mismatch, negative counts, ``correct > total`` or group ids outside {0, 1, 2}.
+        ValueError: on shape mismatch, negative counts, ``correct > total``, group ids outside {0, 1, 2}, or
+            ``predicted`` inconsistent with the counts.
     """
     if correct.dim() != 1:
         raise ValueError(f"correct and total must be 1-D (C,), got shape {tuple(correct.shape)}")
     _check_counts(correct, total)
     _check_groups(groups, correct.shape[-1])
+    if predicted is not None:
+        _check_predicted(predicted, correct, total)
     summary = {"acc": _micro(correct, total)}
     summary.update(_group_micro(correct, total, groups))
-    acc_c = per_class_accuracy(correct, total)
-    summary.update(_class_spread(acc_c[total > 0]))
+    summary.update(_balancedness_candidates(correct, total, predicted))
+    summary["balancedness"] = summary[BALANCEDNESS_KINDS[DEFAULT_BALANCEDNESS]]
     return summary
 
 
-def personal_summary(correct: Tensor, total: Tensor, groups: Tensor) -> dict[str, float]:
+def balancedness(
+    correct: Tensor, total: Tensor, predicted: Tensor | None = None, kind: str = DEFAULT_BALANCEDNESS
+) -> float:
+    """One FedPuReL balancedness candidate (definition pending, methods.md 1.7) from one row of counts.
+
+    Args:
+        correct: (C,) correct counts per class.
+        total: (C,) test-sample counts per class; only classes with ``total > 0`` are considered.
+        predicted: optional (C,) counts of samples predicted as each class (needed for ``"pred_minmax_ratio"``).
+        kind: a key of :data:`BALANCEDNESS_KINDS`: ``"worst_class"`` (a, default), ``"minmax_ratio"`` (b),
+            ``"worst10_classes"`` (c), ``"class_std"`` or ``"pred_minmax_ratio"`` (d).
+
+    Returns:
+        The candidate as a fraction (``nan`` when undefined, see the module docstring).
+
+    Raises:
+        ValueError: on an unknown ``kind`` or inconsistent counts.
+    """
+    if kind not in BALANCEDNESS_KINDS:
+        raise ValueError(f"kind must be one of {sorted(BALANCEDNESS_KINDS)}, got {kind!r}")
+    if correct.dim() != 1:
+        raise ValueError(f"correct and total must be 1-D (C,), got shape {tuple(correct.shape)}")
+    _check_counts(correct, total)
+    if predicted is not None:
+        _check_predicted(predicted, correct, total)
+    return _balancedness_candidates(correct, total, predicted)[BALANCEDNESS_KINDS[kind]]
+
+
+def personal_summary(
+    correct: Tensor, total: Tensor, groups: Tensor, predicted: Tensor | None = None
+) -> dict[str, float]:
     """Personalized-model (PM) summary from per-client, per-class counts (methods.md 1.5, 1.7).
 
     A client's accuracy is the micro accuracy of its row; clients with no test sample are excluded from every
     statistic (they have no accuracy to report).
 
+    Balancedness (definition pending, methods.md 1.7): each candidate of the module docstring is computed per
+    client on its own local test set (over the classes with >= 1 local test sample; for (d) only the predictions
+    of those classes count, predictions of classes absent from the client's test set are ignored), then averaged
+    over the evaluated clients for which it is defined (a client's (b) is undefined when all its classes are at
+    0 %, its (d) when none of its predictions falls on one of its test classes): ``acc_worst_class_mean`` (a),
+    ``acc_minmax_ratio_mean`` (b), ``acc_worst10_classes_mean`` (c), ``acc_class_std_mean``,
+    ``pred_minmax_ratio_mean`` (d; ``nan`` without ``predicted``) and ``balancedness`` (alias of
+    ``acc_worst_class_mean``). ``nan`` when no client defines the candidate.
+
     Args:
         correct: (K, C) correct counts, row k = client k on its local test set.
         total: (K, C) local test-sample counts.
         groups: (C,) group id per class, 0 = many, 1 = medium, 2 = few.
+        predicted: optional (K, C) counts of client k's local test samples predicted as class c.
 
     Returns:
         ``acc_mean`` (unweighted mean over evaluated clients), ``acc_std`` (population std),
         ``acc_worst10`` (mean of the lowest ceil(10 % of evaluated clients) accuracies), ``acc_many`` /
         ``acc_medium`` / ``acc_few`` (mean, over clients with at least one test sample in the group, of the
         client's micro accuracy inside the group; ``nan`` if no such client) and ``num_clients`` (number of
-        evaluated clients, as float).
+        evaluated clients, as float), plus the balancedness keys above.
 
     Raises:
-        ValueError: on shape mismatch, negative counts, ``correct > total`` or group ids outside {0, 1, 2}.
+        ValueError: on shape mismatch, negative counts, ``correct > total``, group ids outside {0, 1, 2}, or
+            ``predicted`` inconsistent with the counts.
     """
     if correct.dim() != 2:
         raise ValueError(f"correct and total must be 2-D (K, C), got shape {tuple(correct.shape)}")
     _check_counts(correct, total)
     _check_groups(groups, correct.shape[-1])
+    if predicted is not None:
+        _check_predicted(predicted, correct, total)
     client_acc = per_class_accuracy(correct.sum(dim=1), total.sum(dim=1))
     evaluated = client_acc[total.sum(dim=1) > 0]
     summary: dict[str, float] = {}
@@ -111,6 +187,7 @@ def personal_summary(correct: Tensor, total: Tensor, groups: Tensor) -> dict[str
         has_samples = total[:, mask].sum(dim=1) > 0
         summary[f"acc_{name}"] = float(group_acc[has_samples].mean()) if bool(has_samples.any()) else math.nan
     summary["num_clients"] = float(evaluated.numel())
+    summary.update(_personal_balancedness(correct, total, predicted))
     return summary
 
 
@@ -125,15 +202,43 @@ def _group_micro(correct: Tensor, total: Tensor, groups: Tensor) -> dict[str, fl
     return {f"acc_{name}": _micro(correct[groups == gid], total[groups == gid]) for gid, name in enumerate(GROUP_NAMES)}
 
 
-def _class_spread(acc_c: Tensor) -> dict[str, float]:
-    """Balancedness candidates of methods.md 1.7 over the evaluated classes: (a) worst class, std, (c) worst 10 %."""
-    if acc_c.numel() == 0:
-        return {"acc_worst_class": math.nan, "acc_class_std": math.nan, "acc_worst10_classes": math.nan}
+def _balancedness_candidates(correct: Tensor, total: Tensor, predicted: Tensor | None) -> dict[str, float]:
+    """All balancedness candidates (module docstring) of one (C,) row, over the classes with ``total > 0``."""
+    present = total > 0
+    if not bool(present.any()):
+        return {key: math.nan for key in BALANCEDNESS_KINDS.values()}
+    acc_c = per_class_accuracy(correct, total)[present]
+    pred_c = predicted[present] if predicted is not None else None
     return {
         "acc_worst_class": float(acc_c.min()),
-        "acc_class_std": float(acc_c.std(correction=0)),
+        "acc_minmax_ratio": _minmax_ratio(acc_c),
         "acc_worst10_classes": _worst_fraction_mean(acc_c),
+        "acc_class_std": float(acc_c.std(correction=0)),
+        "pred_minmax_ratio": _minmax_ratio(pred_c.to(torch.float64)) if pred_c is not None else math.nan,
     }
+
+
+def _personal_balancedness(correct: Tensor, total: Tensor, predicted: Tensor | None) -> dict[str, float]:
+    """Per-client balancedness candidates averaged over the clients (with test samples) that define them."""
+    # One host copy instead of a device sync per client and candidate.
+    correct, total = correct.cpu(), total.cpu()
+    predicted = predicted.cpu() if predicted is not None else None
+    rows = [
+        _balancedness_candidates(correct[k], total[k], predicted[k] if predicted is not None else None)
+        for k in torch.nonzero(total.sum(dim=1) > 0).flatten().tolist()
+    ]
+    out = {}
+    for key in BALANCEDNESS_KINDS.values():
+        values = [row[key] for row in rows if not math.isnan(row[key])]
+        out[f"{key}_mean"] = sum(values) / len(values) if values else math.nan
+    out["balancedness"] = out[f"{BALANCEDNESS_KINDS[DEFAULT_BALANCEDNESS]}_mean"]
+    return out
+
+
+def _minmax_ratio(values: Tensor) -> float:
+    """min / max of a non-empty 1-D tensor of non-negative values; nan if the max is 0."""
+    high = float(values.max())
+    return float(values.min()) / high if high > 0 else math.nan
 
 
 def _worst_fraction_mean(acc: Tensor) -> float:
@@ -151,6 +256,19 @@ def _check_counts(correct: Tensor, total: Tensor) -> None:
         raise ValueError("correct and total must be integer count tensors")
     if bool((correct < 0).any()) or bool((correct > total).any()):
         raise ValueError("counts must satisfy 0 <= correct <= total elementwise")
+
+
+def _check_predicted(predicted: Tensor, correct: Tensor, total: Tensor) -> None:
+    """Validates predicted-class counts: same shape as the counts, integer, ``correct <= predicted`` (a correct
+    prediction of c is a prediction of c) and, per row, as many predictions as test samples."""
+    if predicted.shape != total.shape:
+        raise ValueError(f"predicted must have shape {tuple(total.shape)}, got {tuple(predicted.shape)}")
+    if predicted.is_floating_point():
+        raise ValueError("predicted must be an integer count tensor")
+    if bool((correct > predicted).any()):
+        raise ValueError("counts must satisfy correct <= predicted elementwise")
+    if not torch.equal(predicted.sum(dim=-1), total.sum(dim=-1)):
+        raise ValueError("predicted and total must count the same number of samples (per row)")
 
 
 def _check_groups(groups: Tensor, num_classes: int) -> None:

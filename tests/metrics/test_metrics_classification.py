@@ -32,6 +32,11 @@ def _reference_counts(
     return correct, total
 
 
+def _reference_predicted(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    labels = logits.argmax(1)
+    return torch.tensor([int((labels == c).sum()) for c in range(num_classes)])
+
+
 def _assert_matches(out: dict[str, torch.Tensor], ref: dict[str, float]) -> None:
     assert set(out) == set(ref)
     for key, value in ref.items():
@@ -47,8 +52,11 @@ def test_grouped_accuracy_batches_equal_one_shot() -> None:
     logits = torch.cat([b[0] for b in batches])
     target = torch.cat([b[1] for b in batches])
     correct, total = _reference_counts(logits, target, C)
+    predicted = _reference_predicted(logits, C)
     assert torch.equal(metric.correct, correct) and torch.equal(metric.total, total)
-    ref = classification_summary(correct, total, torch.tensor(GROUPS))
+    assert torch.equal(metric.predicted, predicted)
+    ref = classification_summary(correct, total, torch.tensor(GROUPS), predicted)
+    assert not math.isnan(ref["pred_minmax_ratio"])
     _assert_matches(metric.compute(), ref)
     assert 0.3 < ref["acc"] < 0.9
 
@@ -124,6 +132,7 @@ def test_personalized_accuracy_scalar_and_tensor_ids_match_functional() -> None:
     vector = PersonalizedAccuracy(num_clients, C, GROUPS)
     correct = torch.zeros(num_clients, C, dtype=torch.long)
     total = torch.zeros(num_clients, C, dtype=torch.long)
+    predicted = torch.zeros(num_clients, C, dtype=torch.long)
     for k in [0, 1, 3, 4]:  # client 2 never evaluated -> excluded
         for part in range(2):
             logits, target = _batch(10 * k + part, n=20 + k)
@@ -132,9 +141,11 @@ def test_personalized_accuracy_scalar_and_tensor_ids_match_functional() -> None:
             c, t = _reference_counts(logits, target, C)
             correct[k] += c
             total[k] += t
+            predicted[k] += _reference_predicted(logits, C)
     assert torch.equal(scalar.correct, correct) and torch.equal(scalar.total, total)
     assert torch.equal(vector.correct, correct) and torch.equal(vector.total, total)
-    ref = personal_summary(correct, total, torch.tensor(GROUPS))
+    assert torch.equal(scalar.predicted, predicted) and torch.equal(vector.predicted, predicted)
+    ref = personal_summary(correct, total, torch.tensor(GROUPS), predicted)
     assert ref["num_clients"] == 4.0
     _assert_matches(scalar.compute(), ref)
 

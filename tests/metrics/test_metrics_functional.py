@@ -58,7 +58,13 @@ def test_hand_worked_classification_summary() -> None:
         "acc_worst_class",
         "acc_class_std",
         "acc_worst10_classes",
+        "acc_minmax_ratio",
+        "pred_minmax_ratio",
+        "balancedness",
     }
+    assert out["acc_minmax_ratio"] == pytest.approx(0.25 / 0.6)
+    assert math.isnan(out["pred_minmax_ratio"])  # no predicted counts given
+    assert out["balancedness"] == out["acc_worst_class"]
 
 
 def test_per_class_accuracy_nan_where_empty() -> None:
