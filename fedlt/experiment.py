@@ -83,7 +83,8 @@ class Experiment:
         torch.manual_seed(self.seed)
         m = self.model_cfg
         model = build_model(m.name, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
-                            image_size=self.data.image_size, pretrained=m.pretrained, **m.kwargs)
+                            image_size=self.data.image_size, pretrained=m.pretrained,
+                            class_names=list(self.data.class_names), dataset=self.data.source_name, **m.kwargs)
         t = self.trainer_cfg
         sim = Simulator(self.fabric, self.data, model, self.method, rounds=t.rounds,
                         clients_per_round=t.clients_per_round, eval_every=t.eval_every, seed=self.seed,

@@ -10,8 +10,12 @@ from torch import Tensor, nn
 
 
 def model_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The model's parameters and persistent buffers by state-dict key, as live tensors (no copies)."""
-    return {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    """The model's parameters and persistent buffers by state-dict key, as live tensors (no copies), without the
+    frozen backbone a model may declare with ``frozen_state_keys()`` (e.g. CLIP's towers under PEFT): those are
+    loaded once into the workspace and are never aggregated, stored per client or checkpointed."""
+    frozen_fn = getattr(model, "frozen_state_keys", None)
+    frozen = set(frozen_fn()) if callable(frozen_fn) else set()
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in frozen}
 
 
 def split_keys(keys: Iterable[str], is_personal: Callable[[str], bool]) -> tuple[list[str], list[str]]:

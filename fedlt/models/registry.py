@@ -12,6 +12,7 @@ from fedlt.models.base import FedModel
 from fedlt.registry import Registry, UnknownNameError
 
 TIMM_PREFIX = "timm:"
+CLIP_PREFIX = "clip:"
 
 
 class ModelBuilder(Protocol):
@@ -33,9 +34,11 @@ def build_model(
     in_channels: int = 3,
     image_size: int = 32,
     pretrained: bool = False,
+    class_names: list[str] | None = None,
+    dataset: str | None = None,
     **kwargs: Any,
 ) -> FedModel:
-    """Builds a registered backbone, or any timm model via the ``"timm:<name>"`` prefix.
+    """Builds a registered backbone, any timm model (``"timm:<name>"``) or an open_clip model (``"clip:<name>"``).
 
     Args:
         name: a registered name (see ``MODELS.names()``) or ``"timm:<timm model name>"``.
@@ -43,7 +46,10 @@ def build_model(
         in_channels: input channels (1 for MNIST-like data, 3 for RGB).
         image_size: input side length in pixels (models with a flatten layer need it).
         pretrained: load pretrained feature-extractor weights (only timm models have them).
-        **kwargs: model-specific options (e.g. ``hidden`` for ``mlp``, ``checkpoint_path`` for timm).
+        class_names: the class names (CLIP models build their text classifier from them; others ignore them).
+        dataset: the data source's name (CLIP models pick their zero-shot prompt templates by it).
+        **kwargs: model-specific options (e.g. ``hidden`` for ``mlp``, ``checkpoint_path`` for timm, ``peft`` for
+            CLIP; see :class:`fedlt.models.clip.ClipModel`).
 
     Returns:
         The model, with a freshly initialised ``head``.
@@ -57,10 +63,16 @@ def build_model(
         from fedlt.models.timm_model import TimmModel
 
         return TimmModel(name[len(TIMM_PREFIX) :], num_classes, in_channels, image_size, pretrained, **kwargs)
+    if name.lower().startswith(CLIP_PREFIX):
+        from fedlt.models.clip import build_clip
+
+        return build_clip(name[len(CLIP_PREFIX) :], num_classes, in_channels, image_size, pretrained,
+                          class_names=class_names, dataset=dataset, **kwargs)
     try:
         builder = MODELS.get(name)
     except UnknownNameError as err:
-        raise UnknownNameError(f"{err}; or '{TIMM_PREFIX}<timm model name>' for any timm model") from None
+        raise UnknownNameError(f"{err}; or '{TIMM_PREFIX}<timm model name>' for any timm model, or "
+                               f"'{CLIP_PREFIX}<open_clip model name>' for CLIP") from None
     return builder(num_classes, in_channels=in_channels, image_size=image_size, pretrained=pretrained, **kwargs)
 
 
