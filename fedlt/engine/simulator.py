@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from fedlt.methods.base import FedMethod
 
 _MODEL = "model."
+_SECOND_PASS = 0x2B5F1A  # separates the generator stream of the after-aggregation pass from the local fit
 
 
 @dataclass
@@ -194,7 +195,8 @@ class Simulator:
         """Runs round ``round`` (1-based) on this rank; every rank ends with the same global state."""
         t0 = time.perf_counter()
         message = self.reducer.broadcast(round)
-        cohort = list(self.cohort_sampler(self.seed, round, self.data.num_clients, self.clients_per_round))
+        sampler = self.method.cohort_sampler() or self.cohort_sampler
+        cohort = list(sampler(self.seed, round, self.data.num_clients, self.clients_per_round))
         mine = assign_to_ranks(cohort, self._sizes, self.world_size)[self.rank]
         self.reducer.begin_round(round)
         loss_sums: dict[str, Tensor] = {}
@@ -211,12 +213,33 @@ class Simulator:
         metrics = self._train_metrics(loss_sums, total_steps, self._first_non_finite(mine, client_losses))
         self.reducer.reduce(self.fabric)
         self.reducer.server_step(round)
+        if self.method.runs_after_aggregation:
+            self._after_aggregation(round, mine)
         self.store.sync(self.fabric, cohort, mine)
         if self.client_state_mode == "disk" and self.world_size > 1:
             self.fabric.barrier()  # other ranks read the client files written this round
         self.round = round
         metrics["time/round_s"] = time.perf_counter() - t0
         return RoundResult(round=round, cohort=cohort, metrics=metrics)
+
+    def _after_aggregation(self, round: int, mine: list[int]) -> None:
+        """The second client pass of a round (e.g. FedPuReL's interleaved Stage 2): every client of this rank's
+        cohort loads the *new* global state and its personal state, runs :meth:`FedMethod.after_aggregation`, and
+        its persistent state is saved again. Nothing is uploaded; the generator stream differs from the first pass.
+        """
+        message = self.reducer.broadcast(round)
+        self.model.train()
+        for cid in mine:
+            state = self.load_client(cid)
+            seed = self.client_seed_fn(self.seed, round, cid) ^ _SECOND_PASS
+            torch.manual_seed(seed ^ 0x5DEECE66D)
+            ctx = ClientContext(client_id=cid, round=round, num_samples=self._sizes[cid],
+                                class_counts=self._class_counts[cid], generator=torch.Generator().manual_seed(seed),
+                                device=self.device, message=message, state=state)
+            self.method.after_aggregation(ctx, self.data.client_indices[cid])
+            persistent = {_MODEL + k: v for k, v in self._ws_personal.items()}
+            persistent.update(ctx.state)
+            self.store.put(cid, persistent)
 
     @staticmethod
     def _first_non_finite(clients: list[int], losses: list[Tensor]) -> int:

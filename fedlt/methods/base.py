@@ -131,6 +131,11 @@ class FedMethod:
 
     paper: ClassVar[PaperRef | None] = None
     automatic_optimization: ClassVar[bool] = True
+    # Whether the cohort's clients run a second pass after the server step of every round
+    # (:meth:`after_aggregation`, e.g. FedPuReL's interleaved Stage 2).
+    runs_after_aggregation: ClassVar[bool] = False
+    # Whether the method only works on a CLIP model (``clip:<name>``, :class:`fedlt.models.clip.ClipModel`).
+    needs_clip: ClassVar[bool] = False
     personal_prefixes: ClassVar[tuple[str, ...]] = ()
     # Whether a global model exists for GM evaluation; a method may also set it per instance in ``setup``
     # when it depends on the model (FedBN without BatchNorm layers is FedAvg).
@@ -217,6 +222,18 @@ class FedMethod:
     def on_client_end(self, ctx: ClientContext) -> ClientUpdate:
         """Uploads the shared model tensors (aliases of the workspace), weighted by the local sample count."""
         return ClientUpdate(client_id=ctx.client_id, weight=float(ctx.num_samples), tensors=self.shared_tensors)
+
+    def after_aggregation(self, ctx: ClientContext, indices: Tensor) -> None:
+        """Second client pass of a round, run when ``runs_after_aggregation`` is set: the workspace holds the round's
+        new global state and the client's personal state; changes to personal model tensors and ``ctx.state`` are
+        stored, nothing is uploaded. ``indices`` are the client's training indices (``self.trainer.batch_indices``
+        and ``self.trainer.run`` cut and run the batches)."""
+
+    def cohort_sampler(self) -> Any:
+        """A replacement for the engine's uniform cohort sampler, or ``None`` (default). Signature
+        ``(seed, round, num_clients, clients_per_round) -> client ids``; it must depend on its arguments only (the
+        same on every rank), e.g. FedPuReL's full participation in the first round."""
+        return None
 
     # -- inference -------------------------------------------------------------------------------------------
     def predict_global(self, x: Tensor) -> Tensor:

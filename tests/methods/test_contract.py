@@ -103,6 +103,8 @@ def test_seed_determinism(name, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_batchnorm_model(name, tmp_path):
+    if METHODS.get(name).needs_clip:
+        pytest.skip("CLIP-only method: its backbone is a frozen CLIP model")
     sim = _sim(name, tmp_path, "--model.name", "resnet8", "--model.kwargs", "{}")
     bn_key = next(k for k in sim.model.state_dict() if k.endswith("running_mean"))
     before = sim.model.state_dict()[bn_key].clone()
