@@ -5,8 +5,15 @@ from __future__ import annotations
 from fedlt.data.digits_dg import EmbeddedDigitsDG
 from fedlt.data.domain_sources import PACS, DigitsDG, MiniDomainNet, OfficeHome
 from fedlt.data.domains import DOMAIN_LAYOUTS, DomainData, DomainSource, DomainSplit, leave_one_domain_out
-from fedlt.data.federated import LOCAL_TEST_PROTOCOLS, FederatedDataset, TensorSplit
-from fedlt.data.local_test import local_test_quotas, proportional_local_test
+from fedlt.data.federated import AUGMENTATIONS, LOCAL_TEST_PROTOCOLS, STORAGE_MODES, FederatedDataset, TensorSplit
+from fedlt.data.local_test import (
+    LocalTestContext,
+    balanced_local_test,
+    independent_local_test,
+    local_test_quotas,
+    proportional_local_test,
+    same_share_local_test,
+)
 from fedlt.data.longtail import (
     GROUP_CONVENTIONS,
     GROUP_NAMES,
@@ -15,18 +22,24 @@ from fedlt.data.longtail import (
     longtail_counts,
     longtail_indices,
 )
+from fedlt.data.lt_sources import ImageNetLT, PlacesLT
 from fedlt.data.partition import (
     IID,
     PARTITIONERS,
     Dirichlet,
+    DirichletNoCap,
     DirichletPerSample,
     DirichletPrior,
+    HierarchicalPooled,
     Partitioner,
     PartitionError,
+    PartitionResult,
     Shards,
+    dirichlet_no_cap_partition,
     dirichlet_partition,
     dirichlet_per_sample_partition,
     dirichlet_prior_partition,
+    hierarchical_pooled_partition,
     iid_partition,
     shards_partition,
 )
@@ -42,11 +55,26 @@ from fedlt.data.sources import (
     FashionMNIST,
     SourceData,
     channel_stats,
+    cifar100_superclasses,
     default_cache_dir,
 )
-from fedlt.data.transforms import ImageAugment, TensorAugment
+from fedlt.data.transforms import NORMALIZATIONS, ImageAugment, TensorAugment, clip_augment, resize_images
 
 __all__ = [
+    "AUGMENTATIONS",
+    "NORMALIZATIONS",
+    "STORAGE_MODES",
+    "DirichletNoCap",
+    "HierarchicalPooled",
+    "LocalTestContext",
+    "PartitionResult",
+    "balanced_local_test",
+    "clip_augment",
+    "dirichlet_no_cap_partition",
+    "hierarchical_pooled_partition",
+    "independent_local_test",
+    "resize_images",
+    "same_share_local_test",
     "CIFAR10",
     "CIFAR100",
     "DOMAIN_LAYOUTS",
@@ -63,6 +91,7 @@ __all__ = [
     "GROUP_CONVENTIONS",
     "GROUP_NAMES",
     "IID",
+    "ImageNetLT",
     "LOCAL_TEST_PROTOCOLS",
     "LT_PROFILES",
     "MNIST",
@@ -77,12 +106,14 @@ __all__ = [
     "FashionMNIST",
     "FederatedDataset",
     "PartitionError",
+    "PlacesLT",
     "Partitioner",
     "Shards",
     "SourceData",
     "TensorAugment",
     "TensorSplit",
     "channel_stats",
+    "cifar100_superclasses",
     "class_groups",
     "default_cache_dir",
     "dirichlet_partition",

@@ -1,15 +1,17 @@
 """``FederatedDataset``: LT subsampling, partition, local test sets and class groups on device tensors.
 
 Small datasets live on the device as uint8 tensors and are batched by index with tensor augmentation
-(DESIGN.md 3), so there is no DataLoader per client. See methods.md 1.2 (LT profile), 1.3 (partitions),
-1.5 (local test sets) and 1.6 (class groups).
+(DESIGN.md 3), so there is no DataLoader per client. Large or file-backed (memory-mapped) images stay on the host
+and only each batch travels to the device. Batches can be resized per batch (e.g. 32 px CIFAR to CLIP's 224 px)
+and normalised with the source's or a named (CLIP, ImageNet) mean/std. See methods.md 1.2 (LT profile),
+1.3 (partitions), 1.5 (local test sets), 1.6 (class groups) and 1.9 (FedPuReL's CLIP inputs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,27 +21,22 @@ import torch
 from torch import Tensor
 
 from fedlt.data.domains import DOMAIN_LAYOUTS, DomainData, leave_one_domain_out
-from fedlt.data.local_test import proportional_local_test
+from fedlt.data.local_test import LOCAL_TEST_PROTOCOLS, LocalTestContext, check_local_test
 from fedlt.data.longtail import GROUP_NAMES, class_groups, longtail_indices
-from fedlt.data.partition import Dirichlet, Partitioner
+from fedlt.data.partition import Dirichlet, Partitioner, PartitionResult
 from fedlt.data.sources import DataSource, SourceData
-from fedlt.data.transforms import TensorAugment
+from fedlt.data.transforms import NORMALIZATIONS, ImageAugment, TensorAugment, clip_augment, resize_images
 
-__all__ = ["LOCAL_TEST_PROTOCOLS", "FederatedDataset", "TensorSplit"]
+__all__ = ["AUGMENTATIONS", "LOCAL_TEST_PROTOCOLS", "STORAGE_MODES", "FederatedDataset", "TensorSplit"]
 
+AUGMENTATIONS: tuple[str, ...] = ("source", "clip")
+"""Training augmentations: the source's own, or CLIP's random-resized crop (scale 0.08-1, bicubic) + flip."""
 
+STORAGE_MODES: tuple[str, ...] = ("auto", "device", "host")
+"""Where the image tensors live: ``auto`` picks ``host`` for file-backed or > ``HOST_STORAGE_BYTES`` images."""
 
-def _no_local_test(counts: np.ndarray, test_y: np.ndarray, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    # Domain generalization: the test set is an unseen domain, so there is no per-client local test set.
-    return [np.zeros(0, dtype=np.int64) for _ in counts], np.zeros_like(counts)
-
-
-LOCAL_TEST_PROTOCOLS: dict[str, Callable[..., tuple[list[np.ndarray], np.ndarray]]] = {
-    "proportional": proportional_local_test,
-    "none": _no_local_test,
-}
-"""Local test protocols of methods.md 1.5 by config name (T-A ``proportional`` is the library default; ``none``,
-the default for multi-domain data, evaluates no personalised model)."""
+HOST_STORAGE_BYTES = 4 * 2**30
+"""``storage: auto`` keeps the images on the host above this size (train + test, as loaded)."""
 
 
 @dataclass
@@ -53,10 +50,25 @@ class TensorSplit:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def to(self, device: torch.device | str) -> TensorSplit:
-        """Returns a copy on ``device`` (tensors already there are not copied)."""
+    def to(self, device: torch.device | str, images: bool = True) -> TensorSplit:
+        """Returns a copy on ``device`` (tensors already there are not copied).
+
+        Args:
+            device: target device.
+            images: also move ``x``; False keeps the images where they are (host storage).
+        """
         domain = None if self.domain is None else self.domain.to(device)
-        return TensorSplit(self.x.to(device), self.y.to(device), domain)
+        return TensorSplit(self.x.to(device) if images else self.x, self.y.to(device), domain)
+
+
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[idx]``; host images indexed by device indices are gathered on the host, then sent to the device."""
+    if x.device.type != "cpu" or idx.device.type == "cpu":
+        return x[idx]
+    batch = x[idx.cpu()]
+    if idx.device.type == "cuda":
+        batch = batch.pin_memory()  # pinned, so the copy is asynchronous
+    return batch.to(idx.device, non_blocking=True)
 
 
 class FederatedDataset:
@@ -65,14 +77,22 @@ class FederatedDataset:
     Args:
         source: where the images come from (e.g. ``EmbeddedDigits``, ``CIFAR10``).
         num_clients: number of clients K.
-        imbalance_factor: long-tail imbalance factor IF = n_max / n_min (>= 1; 1 keeps the classes balanced).
+        imbalance_factor: long-tail imbalance factor IF = n_max / n_min (>= 1; 1 keeps the classes balanced);
+            None keeps the training set as loaded, for sources that are long-tailed already (ImageNet-LT, Places-LT).
         lt_profile: long-tail profile, ``exp`` (Cao et al.) or ``step``.
         partition: how training samples are split over clients; default ``Dirichlet()`` (NIID-Bench, alpha 0.5).
-        local_test: local test protocol for personalised evaluation: ``proportional`` (methods.md 1.5 T-A, the
-            default) or ``none``; multi-domain sources default to ``none`` (the test set is an unseen domain).
+            ``HierarchicalPooled`` (P-E) splits the pool LT-train + test set: client train sets come from the
+            train part, local test sets from the test part; the global test set stays the full balanced one.
+        local_test: local test protocol for personalised evaluation (methods.md 1.5): ``proportional`` (T-A, the
+            default), ``same_share`` (T-B: the test set cut with the train split's Dirichlet proportions; needs a
+            partitioner that records them, ``dirichlet`` or ``dirichlet_no_cap``), ``balanced`` (T-D: every class
+            split evenly over all clients), ``independent`` (T-E: a fresh P-F draw with the partitioner's alpha),
+            ``pooled`` (T-C, the default and only choice with ``HierarchicalPooled``) or ``none``; multi-domain
+            sources default to ``none`` (the test set is an unseen domain).
         group_convention: many/medium/few rule: ``counts`` (>100 / <20), ``cumulative`` (75 % / 95 %) or
             ``thirds``.
-        augment: apply the source's default training augmentation in ``get_batch(train=True)``.
+        augment: apply the training augmentation (``augmentation``) in ``get_batch(train=True)``; False switches
+            augmentation off entirely.
         mask_absent_classes: PM evaluation only: classes with no sample in a client's local test set can never be
             predicted for that client (their logits are set to the lowest value). FedLoGe's official code does
             this (methods.md 1.5); it leaks the local label support into PM, so it is off by default and recorded
@@ -91,13 +111,29 @@ class FederatedDataset:
             (``val/domain/<name>/acc``) when the dataset has no official validation split. ``imbalance_factor`` > 1
             additionally subsamples every source domain's training images with the long-tail profile (class 0
             head); 1 keeps the natural class balance of the dataset.
+        image_size: side of the batches ``get_batch`` returns; None keeps the stored side. The stored images stay
+            as loaded (e.g. 32 px CIFAR) and each batch is resized on the device: evaluation batches with a bicubic,
+            antialiased resize, training batches by the augmentation (``clip``: random-resized crop straight to
+            this size; ``source``: the source's augmentation, then the bicubic resize).
+        normalization: mean/std of the normalisation: None uses the source's statistics, ``clip`` OpenAI CLIP's,
+            ``imagenet`` torchvision's ImageNet ones. A 3-channel normalisation of a 1-channel source repeats the
+            channel (``in_channels`` becomes 3).
+        augmentation: training augmentation: ``source`` (the source's default, e.g. crop + flip) or ``clip``
+            (CoOp/Dassl CLIP fine-tuning: random-resized crop, scale 0.08-1, bicubic, + horizontal flip).
+        storage: where the images live: ``device`` (moved to the training device with everything else),
+            ``host`` (images stay in host memory, possibly memory-mapped; each batch is gathered there and sent to
+            the device; labels and indices live on the device) or ``auto`` (``host`` for file-backed sources or
+            images above 4 GiB, else ``device``).
+
+    ``in_channels`` and ``image_size`` describe the batches ``get_batch`` returns (what the model sees);
+    ``stored_image_size`` is the side of the stored images.
     """
 
     def __init__(
         self,
         source: DataSource,
         num_clients: int = 20,
-        imbalance_factor: float = 100.0,
+        imbalance_factor: float | None = 100.0,
         lt_profile: str = "exp",
         partition: Partitioner | None = None,
         local_test: str | None = None,
@@ -110,19 +146,27 @@ class FederatedDataset:
         clients_per_domain: int = 2,
         domain_alpha: float = 1.0,
         val_fraction: float = 0.1,
+        image_size: int | None = None,
+        normalization: str | None = None,
+        augmentation: str = "source",
+        storage: str = "auto",
     ) -> None:
         domain_names = tuple(getattr(source, "domains", ()))
+        partition = partition if partition is not None else Dirichlet()
         if local_test is None:
-            local_test = "none" if domain_names else "proportional"
-        if local_test not in LOCAL_TEST_PROTOCOLS:
-            raise ValueError(
-                f"unknown local_test protocol {local_test!r}; valid protocols: {', '.join(LOCAL_TEST_PROTOCOLS)}"
-            )
+            local_test = "none" if domain_names else "pooled" if partition.pools_test_set else "proportional"
+        # Multi-domain layouts fix the clients themselves: no partitioner (and no proportions) behind them.
+        check_local_test(local_test, None if domain_names else partition)
+        _check_choice("normalization", normalization, (None, *NORMALIZATIONS))
+        _check_choice("augmentation", augmentation, AUGMENTATIONS)
+        _check_choice("storage", storage, STORAGE_MODES)
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be a positive side length or None, got {image_size}")
         self.source = source
         self.num_clients = num_clients
         self.imbalance_factor = imbalance_factor
         self.lt_profile = lt_profile
-        self.partition = partition if partition is not None else Dirichlet()
+        self.partition = partition
         self.local_test = local_test
         self.group_convention = group_convention
         self.augment = augment
@@ -148,7 +192,14 @@ class FederatedDataset:
         self.client_val_indices: list[Tensor] = []  # per client, indices into ``val``
         self.device: torch.device | None = None
         self.source_name = source.name
-        self._augment: TensorAugment | None = None
+        self.normalization = normalization
+        self.augmentation = augmentation
+        self.storage = storage
+        self.image_size = image_size  # after setup: the side of the batches get_batch returns
+        self._resize = image_size
+        self.host_images = False  # resolved storage: images kept on the host (set up by setup())
+        self.partition_unassigned = 0  # pooled items no client drew (P-E)
+        self._augment: TensorAugment | ImageAugment | None = None
         self._scale: Tensor | None = None  # 1 / (255 std), shape (1, C, 1, 1)
         self._shift: Tensor | None = None  # mean / std, shape (1, C, 1, 1)
         self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
@@ -181,27 +232,65 @@ class FederatedDataset:
         if self.device != device:
             self._move(device)
 
+    def _configure_inputs(self, data: Any, images: tuple[Tensor, ...]) -> None:
+        """Normalisation statistics, training augmentation and storage, before ``_install``."""
+        self._stats = NORMALIZATIONS[self.normalization] if self.normalization else (tuple(data.mean), tuple(data.std))
+        if not self.augment:
+            self._augment = None
+        elif self.augmentation == "clip":
+            self._augment = clip_augment(self._resize)
+        else:
+            self._augment = self.source.augment
+        if self.storage == "auto":
+            size = sum(x.numel() * x.element_size() for x in images)
+            self.host_images = bool(getattr(data, "file_backed", False)) or size > HOST_STORAGE_BYTES
+        else:
+            self.host_images = self.storage == "host"
+
     def _build(self, data: SourceData) -> None:
-        train_y = data.train_y.numpy()
+        train_y, test_y = data.train_y.numpy(), data.test_y.numpy()
         seed = 0 if self.seed is None else self.seed
-        lt_idx = longtail_indices(train_y, data.num_classes, self.imbalance_factor, self.lt_profile, seed)
+        self._configure_inputs(data, (data.train_x, data.test_x))
+        if self.imbalance_factor is None:
+            lt_idx = np.arange(train_y.size, dtype=np.int64)
+        else:
+            lt_idx = longtail_indices(train_y, data.num_classes, self.imbalance_factor, self.lt_profile, seed)
+        lt_idx, result = self._split_train(data, lt_idx, seed)
         lt_y = train_y[lt_idx]
-        parts = self.partition(lt_y, self.num_clients, seed)
-        counts = np.stack([np.bincount(lt_y[p], minlength=data.num_classes) for p in parts]).astype(np.int64)
-        local, shortfall = LOCAL_TEST_PROTOCOLS[self.local_test](counts, data.test_y.numpy(), seed)
-        lt_t = torch.from_numpy(lt_idx)
+        counts = np.stack([np.bincount(lt_y[p], minlength=data.num_classes) for p in result.indices]).astype(np.int64)
+        ctx = LocalTestContext(counts, test_y, seed, partition=result, partitioner=self.partition)
+        local, shortfall = LOCAL_TEST_PROTOCOLS[self.local_test](ctx)
+        if lt_idx.size == train_y.size:  # sorted and unique: the whole train set, no copy (memory-mapped data)
+            train = TensorSplit(data.train_x, data.train_y)
+        else:
+            lt_t = torch.from_numpy(lt_idx)
+            train = TensorSplit(data.train_x[lt_t], data.train_y[lt_t])
         self._install(
-            train=TensorSplit(data.train_x[lt_t], data.train_y[lt_t]),
+            train=train,
             test=TensorSplit(data.test_x, data.test_y),
-            client_indices=parts,
+            client_indices=result.indices,
             client_test_indices=local,
             num_classes=data.num_classes,
             shortfall=shortfall,
         )
         self.class_names = list(data.class_names)
-        self._stats = (tuple(data.mean), tuple(data.std))
-        self._augment = self.source.augment if self.augment else None
         self.lt_indices = lt_idx
+
+    def _split_train(self, data: SourceData, lt_idx: np.ndarray, seed: int) -> tuple[np.ndarray, PartitionResult]:
+        """Partitions the LT subsample; returns the (possibly reduced) subsample and the partition into it."""
+        lt_y = data.train_y.numpy()[lt_idx]
+        if not self.partition.pools_test_set:
+            return lt_idx, self.partition.split(lt_y, self.num_clients, seed)
+        result = self.partition.split_pooled(lt_y, data.test_y.numpy(), self.num_clients, seed, data.num_classes,
+                                             getattr(data, "superclasses", None))
+        self.partition_unassigned = result.unassigned
+        kept = np.sort(np.concatenate(result.indices))
+        if kept.size == lt_idx.size:
+            return lt_idx, result
+        # The (< K) train items no client drew leave the training set, so the clients still cover it exactly.
+        pos = np.full(lt_idx.size, -1, dtype=np.int64)
+        pos[kept] = np.arange(kept.size)
+        return lt_idx[kept], dataclasses.replace(result, indices=[pos[p] for p in result.indices])
 
     def _build_domains(self, data: DomainData) -> None:
         """Leave-one-domain-out split (methods.md 1.8) of a multi-domain dataset."""
@@ -211,7 +300,7 @@ class FederatedDataset:
         ds = leave_one_domain_out(labels, dom, data.split.numpy(), target, self.domain_layout,
                                   self.clients_per_domain, self.domain_alpha, self.val_fraction, seed)
         train_all = np.sort(np.concatenate(ds.train))
-        if self.imbalance_factor > 1:
+        if self.imbalance_factor is not None and self.imbalance_factor > 1:
             # Long-tail subsample of every source domain's training images (class 0 = head), before the layout's
             # clients see them: a client keeps its images that survive its domain's subsample.
             keep = [train_all[dom[train_all] == d][longtail_indices(
@@ -232,10 +321,11 @@ class FederatedDataset:
             t = torch.from_numpy(idx)
             return TensorSplit(data.x[t], data.y[t], data.domain[t])
 
+        self._configure_inputs(data, (data.x,))
         train, test = split(train_all), split(ds.test)
         counts = np.stack([np.bincount(labels[train_all[c]], minlength=data.num_classes) for c in clients])
-        local, shortfall = LOCAL_TEST_PROTOCOLS[self.local_test](counts, data.y[torch.from_numpy(ds.test)].numpy(),
-                                                                 seed)
+        ctx = LocalTestContext(counts.astype(np.int64), labels[ds.test], seed)
+        local, shortfall = LOCAL_TEST_PROTOCOLS[self.local_test](ctx)
         self._install(train=train, test=test, client_indices=clients, client_test_indices=local,
                       num_classes=data.num_classes, shortfall=shortfall)
         self.val = split(ds.val)
@@ -246,8 +336,6 @@ class FederatedDataset:
         self.target_domain_id = ds.target
         self.client_domain_counts = np.stack(
             [np.bincount(dom[train_all[c]], minlength=len(data.domains)) for c in clients]).astype(np.int64)
-        self._stats = (tuple(data.mean), tuple(data.std))
-        self._augment = self.source.augment if self.augment else None
         self.lt_indices = train_all
 
     @property
@@ -268,8 +356,7 @@ class FederatedDataset:
         train_y = train.y.cpu().numpy()
         self.num_classes = num_classes
         self.num_clients = len(client_indices)
-        self.in_channels = int(train.x.shape[1])
-        self.image_size = int(train.x.shape[-1])
+        self._set_output_shape(int(train.x.shape[1]), int(train.x.shape[-1]))
         self.train, self.test = train, test
         self.client_indices = [torch.as_tensor(np.asarray(p), dtype=torch.int64) for p in client_indices]
         self.client_test_indices = [torch.as_tensor(np.asarray(p), dtype=torch.int64) for p in client_test_indices]
@@ -286,10 +373,22 @@ class FederatedDataset:
             for p in client_test_indices
         ]) if client_test_indices else torch.zeros(0, num_classes, dtype=torch.bool)
 
+    def _set_output_shape(self, stored_channels: int, stored_size: int) -> None:
+        # The model is built from in_channels / image_size, so they describe get_batch's output, not the storage.
+        self.stored_image_size = stored_size
+        self.image_size = self._resize if self._resize is not None else stored_size
+        norm_channels = stored_channels if self._stats is None else len(self._stats[0])
+        self._repeat_channels = stored_channels == 1 and norm_channels > 1
+        if norm_channels != stored_channels and not self._repeat_channels:
+            raise ValueError(f"normalization {self.normalization or 'of the source'} has {norm_channels} channels but "
+                             f"the images have {stored_channels}")
+        self.in_channels = norm_channels
+
     def _move(self, device: torch.device) -> None:
-        self.train, self.test = self.train.to(device), self.test.to(device)
+        images = not self.host_images
+        self.train, self.test = self.train.to(device, images), self.test.to(device, images)
         if self.val is not None:
-            self.val = self.val.to(device)
+            self.val = self.val.to(device, images)
             self.client_val_indices = [p.to(device) for p in self.client_val_indices]
         self.client_indices = [p.to(device) for p in self.client_indices]
         self.client_test_indices = [p.to(device) for p in self.client_test_indices]
@@ -304,29 +403,36 @@ class FederatedDataset:
     def get_batch(
         self, split: TensorSplit, idx: Tensor, generator: torch.Generator | None = None, train: bool = False
     ) -> tuple[Tensor, ...]:
-        """Gathers a batch, converts to float, augments (training only) and normalises.
+        """Gathers a batch, converts to float, augments (training only), resizes and normalises.
 
         Multi-domain splits also return the domain ids, so every batch of domain data carries them; methods take
-        ``batch[0]``, ``batch[1]`` (and ``batch[2]`` when they use domains).
+        ``batch[0]``, ``batch[1]`` (and ``batch[2]`` when they use domains). With host storage the images are
+        gathered on the host and only the batch is copied to the device.
 
         Args:
             split: ``self.train`` or ``self.test`` (or any split on the same device).
-            idx: int64 indices into ``split`` (on the split's device).
+            idx: int64 indices into ``split`` (on the device of the split's labels).
             generator: CPU generator for the augmentation; no augmentation without one.
             train: whether this is a training batch (augmentation on).
 
         Returns:
-            (x float (B, C, H, W), y int64 (B,)), plus domain ids int64 (B,) when the split has them.
+            (x float (B, in_channels, image_size, image_size), y int64 (B,)), plus domain ids int64 (B,) when the
+            split has them.
         """
-        x = split.x[idx]
+        x = _gather(split.x, idx)
         if x.dtype == torch.uint8:
             # Augmenting the 0..255 floats equals augmenting x / 255: crop pads zeros and flips do not scale.
             x = x.float()
         if train and generator is not None and self._augment is not None:
             x = self._augment(x, generator)
+        if self._resize is not None:
+            x = resize_images(x, self._resize)  # no-op when the augmentation already produced this size
         if self._scale is not None:
-            # In place is safe: tensor indexing above always produced a fresh tensor.
-            x = x.mul_(self._scale).sub_(self._shift)
+            if self._repeat_channels:
+                x = (x * self._scale).sub_(self._shift)  # (B, 1, H, W) broadcasts to the normalisation's channels
+            else:
+                # In place is safe: tensor indexing above always produced a fresh tensor.
+                x = x.mul_(self._scale).sub_(self._shift)
         if split.domain is not None:
             return x, split.y[idx], split.domain[idx]
         return x, split.y[idx]
@@ -341,7 +447,14 @@ class FederatedDataset:
             "imbalance_factor": self.imbalance_factor,
             "lt_profile": self.lt_profile,
             "partition": self.partition.describe() if self.partition is not None else {"name": "given"},
+            "partition_unassigned": int(self.partition_unassigned),
             "local_test": self.local_test,
+            "image_size": int(self.image_size),
+            "stored_image_size": int(self.stored_image_size),
+            "in_channels": int(self.in_channels),
+            "normalization": self.normalization or "source",
+            "augmentation": self.augmentation if self.augment else "off",
+            "storage": "host" if self.host_images else "device",
             "mask_absent_classes": self.mask_absent_classes,
             "seed": self.seed,
             "group_convention": self.group_convention,
@@ -413,6 +526,8 @@ class FederatedDataset:
         """
         obj = cls.__new__(cls)
         obj.source, obj.source_name, obj.partition, obj._stats = None, "tensors", None, None
+        obj.normalization, obj.augmentation, obj.storage, obj.host_images = None, "source", "device", False
+        obj._resize, obj.partition_unassigned = None, 0
         obj.imbalance_factor, obj.lt_profile, obj.local_test, obj.seed = None, "given", "given", None
         obj.group_convention, obj.augment, obj._augment = group_convention, False, None
         obj.mask_absent_classes = mask_absent_classes
@@ -433,3 +548,9 @@ class FederatedDataset:
         obj.device = None
         obj._move(device)
         return obj
+
+
+def _check_choice(option: str, value: str | None, valid: tuple[str | None, ...]) -> None:
+    if value not in valid:
+        names = ", ".join("null" if v is None else v for v in valid)
+        raise ValueError(f"unknown {option} {value!r}; valid: {names}")

@@ -6,7 +6,9 @@ torchvision sources read the usual torchvision folders and explain how to get th
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pickle
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -32,13 +34,22 @@ __all__ = [
     "EmbeddedDigits",
     "FashionMNIST",
     "SourceData",
+    "cifar100_superclasses",
     "default_cache_dir",
 ]
 
 
 @dataclass
 class SourceData:
-    """A loaded dataset: uint8 images (N, C, H, W), int64 labels, and per-channel statistics of x / 255."""
+    """A loaded dataset: uint8 images (N, C, H, W), int64 labels, and per-channel statistics of x / 255.
+
+    Attributes:
+        superclasses: (C,) int64 coarse class id of every fine class (CIFAR-100's 20 superclasses, for the
+            hierarchical partition of methods.md 1.3 P-E), or None when the dataset has no class hierarchy.
+        superclass_names: names of the coarse classes, indexed by the ids in ``superclasses``, or None.
+        file_backed: ``train_x`` / ``test_x`` are memory-mapped from a cache file (paged in by the OS) rather than
+            held in RAM: index them in batches and do not copy or move the whole tensor.
+    """
 
     train_x: Tensor
     train_y: Tensor
@@ -48,6 +59,9 @@ class SourceData:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    superclasses: np.ndarray | None = None
+    superclass_names: list[str] | None = None
+    file_backed: bool = False
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -282,6 +296,73 @@ class CIFAR100(_TorchvisionSource):
     _folder = "cifar-100-python"
     _mean = (0.5071, 0.4865, 0.4409)
     _std = (0.2673, 0.2564, 0.2762)
+
+    def load(self) -> SourceData:
+        """Loads train and test splits, with the 20 superclasses of the fine classes (``SourceData.superclasses``).
+
+        Raises:
+            DatasetNotFoundError: the files are missing (or could not be downloaded).
+        """
+        data = super().load()
+        folder = Path(os.path.abspath(os.path.expanduser(self.root))) / self._folder
+        superclasses, names = cifar100_superclasses(folder)
+        if len(superclasses) != data.num_classes:
+            raise ValueError(f"{folder}: the coarse labels cover {len(superclasses)} fine classes, the dataset has "
+                             f"{data.num_classes}")
+        return dataclasses.replace(data, superclasses=superclasses, superclass_names=names)
+
+
+def _field(entry: dict[Any, Any], key: str) -> Any:
+    """``entry[key]`` for a pickle loaded with str keys (``encoding="latin1"``) or bytes keys (``"bytes"``)."""
+    if key in entry:
+        return entry[key]
+    if key.encode() in entry:
+        return entry[key.encode()]
+    raise KeyError(f"no {key!r} in the pickle (keys: {', '.join(map(repr, entry))})")
+
+
+def cifar100_superclasses(folder: str | Path) -> tuple[np.ndarray, list[str]]:
+    """The coarse (superclass) id of each fine CIFAR-100 class, from the original python pickles.
+
+    torchvision's ``CIFAR100`` drops the coarse labels; the release's ``train`` pickle pairs every image's
+    ``fine_labels`` with its ``coarse_labels`` and ``meta`` holds ``coarse_label_names``.
+
+    Args:
+        folder: the ``cifar-100-python`` folder (holding ``train`` and ``meta``).
+
+    Returns:
+        (superclasses, names): int64 array (C,) with the coarse id of fine class c, and the coarse class names.
+
+    Raises:
+        DatasetNotFoundError: ``train`` or ``meta`` is missing.
+        ValueError: a fine class has several coarse labels or none.
+    """
+    folder = Path(folder)
+    entries = []
+    for name in ("train", "meta"):
+        path = folder / name
+        if not path.is_file():
+            raise DatasetNotFoundError(f"CIFAR-100 superclasses: {path} does not exist (expected the python "
+                                       f"release's {folder}/train and {folder}/meta, as written by "
+                                       "torchvision.datasets.CIFAR100).")
+        with open(path, "rb") as f:
+            entries.append(pickle.load(f, encoding="latin1"))
+    train, meta = entries
+    fine = np.asarray(_field(train, "fine_labels"), dtype=np.int64)
+    coarse = np.asarray(_field(train, "coarse_labels"), dtype=np.int64)
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in _field(meta, "coarse_label_names")]
+    pairs = np.unique(np.stack([fine, coarse], axis=1), axis=0)  # the distinct (fine, coarse) pairs
+    num_fine = int(fine.max()) + 1 if fine.size else 0
+    counts = np.bincount(pairs[:, 0], minlength=num_fine)
+    if (counts != 1).any():
+        bad = np.flatnonzero(counts != 1)[:5].tolist()
+        raise ValueError(f"{folder / 'train'}: fine class(es) {bad} have {counts[bad].tolist()} coarse labels, "
+                         "expected exactly one each")
+    superclasses = np.empty(num_fine, dtype=np.int64)
+    superclasses[pairs[:, 0]] = pairs[:, 1]
+    if superclasses.size and (superclasses.min() < 0 or superclasses.max() >= len(names)):
+        raise ValueError(f"{folder}: coarse labels outside 0..{len(names) - 1} (meta names {len(names)} classes)")
+    return superclasses, names
 
 
 @SOURCES.register("mnist")

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ImageAugment", "TensorAugment"]
+__all__ = ["NORMALIZATIONS", "ImageAugment", "TensorAugment", "clip_augment", "resize_images"]
+
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+"""Named per-channel (mean, std) of x / 255: OpenAI CLIP's preprocessing and the torchvision ImageNet statistics."""
 
 
 class TensorAugment:
@@ -77,8 +83,9 @@ class ImageAugment:
 
     1. random-resized crop: an area fraction ``s ~ U(scale)`` and an aspect ratio ``r`` (log-uniform in ``ratio``,
        truncated so that the ``s * H * W`` box with width / height ``r`` fits in the image, which is what
-       torchvision's rejection sampling approximates) give a box at a uniform position, resampled bilinearly to
-       (H, W) with ``F.affine_grid`` + ``F.grid_sample``;
+       torchvision's rejection sampling approximates) give a box at a uniform position, resampled (bilinear or
+       bicubic, without antialiasing) to (H, W), or to (size, size) when ``size`` is set, with
+       ``F.affine_grid`` + ``F.grid_sample``;
     2. horizontal flip with probability 0.5 (folded into the crop's affine map);
     3. colour jitter: brightness, contrast and saturation factors each ~ U(1 - j, 1 + j), applied in that order,
        clamping to [0, 255] after each (as torchvision's ``ColorJitter`` does on [0, 1] images).
@@ -91,6 +98,9 @@ class ImageAugment:
         ratio: range of the crop's aspect ratio (width / height).
         hflip: flip each sample horizontally with probability 0.5.
         color_jitter: strength j of the brightness, contrast and saturation jitter in [0, 1); 0 disables it.
+        size: output side; None keeps the input's (H, W). With a size the crop is always on (``scale`` (1, 1)
+            then resizes the whole image).
+        interpolation: resampling of the crop, ``bilinear`` or ``bicubic``.
     """
 
     def __init__(
@@ -99,6 +109,8 @@ class ImageAugment:
         ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
         hflip: bool = False,
         color_jitter: float = 0.0,
+        size: int | None = None,
+        interpolation: str = "bilinear",
     ) -> None:
         scale = (float(scale[0]), float(scale[1]))
         ratio = (float(ratio[0]), float(ratio[1]))
@@ -108,15 +120,21 @@ class ImageAugment:
             raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1], got {ratio}")
         if not 0.0 <= color_jitter < 1.0:
             raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
+        if size is not None and size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
         self.scale = scale
         self.ratio = ratio
         self.hflip = hflip
         self.color_jitter = float(color_jitter)
+        self.size = size
+        self.interpolation = interpolation
 
     @property
     def crops(self) -> bool:
-        """Whether the random-resized crop is on (``scale`` below 1)."""
-        return self.scale[0] < 1.0
+        """Whether the random-resized crop is on (``scale`` below 1, or an output ``size``)."""
+        return self.scale[0] < 1.0 or self.size is not None
 
     @property
     def is_identity(self) -> bool:
@@ -146,9 +164,11 @@ class ImageAugment:
         theta[:, 1, 1] = ch
         theta[:, 1, 2] = 2.0 * top + ch - 1.0
         dtype = x.dtype if x.is_floating_point() else torch.float32
-        grid = F.affine_grid(theta.to(x.device, dtype), list(x.shape), align_corners=False)
-        out = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out.clamp_(0.0, 255.0)  # bilinear weights summing to 1 + eps can overshoot 255 by rounding
+        size = [b, x.shape[1], h, w] if self.size is None else [b, x.shape[1], self.size, self.size]
+        grid = F.affine_grid(theta.to(x.device, dtype), size, align_corners=False)
+        out = F.grid_sample(x.to(dtype), grid, mode=self.interpolation, padding_mode="border", align_corners=False)
+        # Bilinear weights summing to 1 + eps can overshoot 255 by rounding; bicubic overshoots at edges (PIL clips).
+        return out.clamp_(0.0, 255.0)
 
     def _jitter(self, x: Tensor, generator: torch.Generator) -> Tensor:
         b, c = x.shape[:2]
@@ -173,7 +193,8 @@ class ImageAugment:
             generator: CPU generator.
 
         Returns:
-            Augmented batch of the same shape; ``x`` itself when the augmentation is the identity.
+            Augmented batch of the same shape, or (B, C, size, size); ``x`` itself when the augmentation is the
+            identity.
         """
         if self.is_identity:
             return x
@@ -189,8 +210,41 @@ class ImageAugment:
     def __repr__(self) -> str:
         return (
             f"ImageAugment(scale={self.scale}, ratio=({self.ratio[0]:.4g}, {self.ratio[1]:.4g}), hflip={self.hflip}, "
-            f"color_jitter={self.color_jitter})"
+            f"color_jitter={self.color_jitter}, size={self.size}, interpolation={self.interpolation!r})"
         )
+
+
+def clip_augment(size: int | None = None) -> ImageAugment:
+    """CoOp/Dassl training augmentation of CLIP fine-tuning (FedPuReL, methods.md 1.9).
+
+    ``RandomResizedCrop(size, scale=(0.08, 1), interpolation=BICUBIC)`` + ``RandomHorizontalFlip()``.
+
+    Args:
+        size: output side; None keeps the stored image's side.
+
+    Returns:
+        The batched augmentation.
+    """
+    return ImageAugment(scale=(0.08, 1.0), hflip=True, size=size, interpolation="bicubic")
+
+
+def resize_images(x: Tensor, size: int) -> Tensor:
+    """Bicubic, antialiased resize of a float batch (B, C, H, W) of 0..255 values to (size, size).
+
+    The evaluation resize of CLIP preprocessing on a square image (torchvision ``Resize(size, BICUBIC,
+    antialias=True)``); values are clamped to [0, 255] as PIL's uint8 output is.
+
+    Args:
+        x: float batch (B, C, H, W).
+        size: output side.
+
+    Returns:
+        (B, C, size, size); ``x`` itself when it already has that size.
+    """
+    if x.shape[-2:] == (size, size):
+        return x
+    out = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return out.clamp_(0.0, 255.0)
 
 
 def _gray(x: Tensor) -> Tensor:

@@ -136,7 +136,7 @@ def test_augment_flag_off(cache_dir: Path) -> None:
 
 def test_unknown_local_test_protocol(cache_dir: Path) -> None:
     with pytest.raises(ValueError, match="proportional"):
-        FederatedDataset(EmbeddedDigits(root=str(cache_dir)), local_test="balanced")
+        FederatedDataset(EmbeddedDigits(root=str(cache_dir)), local_test="stratified")
 
 
 def test_from_tensors() -> None:

@@ -38,12 +38,15 @@ def _assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
 
 
 def test_registry_names() -> None:
-    assert PARTITIONERS.names() == ["dirichlet", "dirichlet_per_sample", "dirichlet_prior", "iid", "shards"]
-    with pytest.raises(UnknownNameError, match="dirichlet, dirichlet_per_sample, dirichlet_prior, iid, shards"):
+    names = ["dirichlet", "dirichlet_no_cap", "dirichlet_per_sample", "dirichlet_prior", "hierarchical_pooled", "iid",
+             "shards"]
+    assert PARTITIONERS.names() == names
+    with pytest.raises(UnknownNameError, match=", ".join(names)):
         PARTITIONERS.get("label_skew")
 
 
-@pytest.mark.parametrize("name", PARTITIONERS.names())
+# Partitioners of the training labels alone; the pooled P-E (train + test) has its own tests (test_fedpurel_protocol).
+@pytest.mark.parametrize("name", [n for n, cls in PARTITIONERS.items() if not cls.pools_test_set])
 def test_disjoint_complete_deterministic(name: str) -> None:
     labels = _lt_labels()
     partitioner = PARTITIONERS.get(name)()

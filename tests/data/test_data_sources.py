@@ -33,7 +33,7 @@ def default_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[EmbeddedDi
 
 def test_registry() -> None:
     assert SOURCES.names() == ["cifar10", "cifar100", "digits", "digits_dg", "digitsdg", "fashionmnist",
-                               "minidomainnet", "mnist", "officehome", "pacs"]
+                               "imagenet_lt", "minidomainnet", "mnist", "officehome", "pacs", "places_lt"]
     assert SOURCES.get("digits") is EmbeddedDigits
 
 
