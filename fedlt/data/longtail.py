@@ -17,7 +17,7 @@ __all__ = ["GROUP_CONVENTIONS", "GROUP_NAMES", "LT_PROFILES", "class_groups", "l
 GROUP_NAMES: tuple[str, str, str] = ("many", "medium", "few")
 """Group id -> name; ``class_groups`` returns these ids (0 = many, 1 = medium, 2 = few)."""
 
-GROUP_CONVENTIONS: tuple[str, ...] = ("counts", "cumulative", "thirds")
+GROUP_CONVENTIONS: tuple[str, ...] = ("counts", "cumulative", "thirds", "fedpurel")
 
 
 def _check_imbalance_factor(imbalance_factor: float) -> None:
@@ -189,7 +189,8 @@ def class_groups(
         class_counts: global training count per class, shape (C,).
         convention: ``"counts"`` (OLTR: many n_c > many_threshold, few n_c < few_threshold),
             ``"cumulative"`` (FedLoGe: 75 % / 95 % cumulative sample share), or ``"thirds"`` (equal thirds by
-            count, ceil(C/3) many, ceil(C/3) medium, rest few).
+            count, ceil(C/3) many, ceil(C/3) medium, rest few), or ``"fedpurel"`` (FedPuReL's and FedSM's code:
+            many n_c > many_threshold, few n_c <= few_threshold).
         many_threshold: ``counts`` convention: a class with more samples is "many".
         few_threshold: ``counts`` convention: a class with fewer samples is "few".
         cumulative: ``cumulative`` convention: (head share, head+medium share).
@@ -205,6 +206,8 @@ def class_groups(
         "counts": lambda: _groups_counts(counts, many_threshold, few_threshold),
         "cumulative": lambda: _groups_cumulative(counts, cumulative),
         "thirds": lambda: _groups_thirds(counts),
+        # FedPuReL / FedSM [code]: many n_c > 100, few n_c <= 20 (a class with exactly 20 samples is few).
+        "fedpurel": lambda: _groups_counts(counts, many_threshold, few_threshold + 1),
     }
     if convention not in rules:
         raise ValueError(f"unknown group convention {convention!r}; valid conventions: {', '.join(GROUP_CONVENTIONS)}")

@@ -108,6 +108,15 @@ def test_counts_convention_boundaries() -> None:
     assert GROUP_NAMES == ("many", "medium", "few")
 
 
+def test_fedpurel_convention_puts_exactly_20_in_few() -> None:
+    # FedPuReL / FedSM code: many n > 100, medium 20 < n <= 100, few n <= 20 (methods.md 1.6).
+    assert class_groups(np.array([101, 100, 21, 20, 0]), "fedpurel").tolist() == [0, 1, 1, 2, 2]
+    # methods.md 1.6 table: CIFAR-100 IF 50 -> 41/40/19 and IF 100 -> 35/34/31 with the <= 20 rule.
+    for imbalance_factor, sizes in ((50, (41, 40, 19)), (100, (35, 34, 31))):
+        counts = longtail_counts(500, 100, imbalance_factor)
+        assert tuple(np.bincount(class_groups(counts, "fedpurel"), minlength=3)) == sizes
+
+
 def test_cumulative_hand_example_unsorted_with_ties() -> None:
     # Shares sorted desc: 50 (0.5), 25 (0.75 -> crosses, head ends), 10, 10 (0.95 -> medium ends), 5 (tail).
     counts = np.array([10, 50, 5, 25, 10])
@@ -121,5 +130,5 @@ def test_thirds_convention() -> None:
 
 
 def test_unknown_convention() -> None:
-    with pytest.raises(ValueError, match="counts, cumulative, thirds"):
+    with pytest.raises(ValueError, match="counts, cumulative, thirds, fedpurel"):
         class_groups(np.array([3, 2, 1]), "quartiles")
