@@ -93,6 +93,30 @@ class CifarResNet(FedModel):
         return self.pool(out).flatten(1)
 
 
+class ProjectedCifarResNet(CifarResNet):
+    """A :class:`CifarResNet` whose pooled features pass through a linear projection without activation.
+
+    FedSM's prototype code (methods.md Appendix R S17): "ResNet-8, scaling 4" (64-channel stem, stages 64/128/256
+    with one BasicBlock each) pooled to 256-d, then a 256 -> 512 linear layer ("add_mlp") giving the 512-d
+    feature that the classifier, the prototypes and the pseudo-features live in.
+
+    Args:
+        proj_dim: output size of the projection (``num_features``).
+        **kwargs: arguments of :class:`CifarResNet`.
+    """
+
+    def __init__(self, num_classes: int, blocks: Sequence[int], widths: Sequence[int], in_channels: int = 3,
+                 stem_width: int = 16, proj_dim: int = 512) -> None:
+        super().__init__(num_classes, blocks, widths, in_channels, stem_width)
+        self.proj = nn.Linear(self.num_features, proj_dim)
+        self.num_features = proj_dim
+        self.head = nn.Linear(proj_dim, num_classes)  # rebuilt after the projection (FedModel layer order)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Projected pooled features (B, proj_dim)."""
+        return self.proj(super().forward_features(x))
+
+
 def _check_image_size(name: str, image_size: int) -> None:
     """Three stride-2 stages would shrink a side below 1 pixel for images smaller than 8."""
     if image_size < MIN_IMAGE_SIZE:
@@ -134,6 +158,16 @@ def _register_imagenet_style(name: str, blocks: Sequence[int]) -> None:
 
     build.__doc__ = f"Registry builder for the CIFAR variant of {name} (blocks {list(blocks)}, num_features 512)."
     MODELS.register(name)(build)
+
+
+@MODELS.register("resnet8_fedsm")
+def build_resnet8_fedsm(num_classes: int, in_channels: int = 3, image_size: int = 32, pretrained: bool = False,
+                        proj_dim: int = 512) -> FedModel:
+    """FedSM's CIFAR backbone: ResNet-8 with widths x4 (64/128/256) and a 256 -> ``proj_dim`` projection."""
+    no_pretrained_weights("resnet8_fedsm", pretrained)
+    _check_image_size("resnet8_fedsm", image_size)
+    return ProjectedCifarResNet(num_classes, [1, 1, 1], [64, 128, 256], in_channels, stem_width=64,
+                                proj_dim=proj_dim)
 
 
 for _depth in (8, 20, 32, 56):

@@ -9,7 +9,7 @@ from torch import nn
 from fedlt.models import MODELS, FedModel, build_model
 from fedlt.registry import UnknownNameError
 
-BUILTIN = ["cnn", "mlp", "resnet8", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34"]
+BUILTIN = ["cnn", "mlp", "resnet8", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34", "resnet8_fedsm"]
 
 
 def test_registry_holds_exactly_the_builtin_names() -> None:
@@ -29,6 +29,7 @@ CONTRACT_CASES = [
     ("resnet56", 1),
     ("resnet18", 3),
     ("resnet34", 1),
+    ("resnet8_fedsm", 3),
     # "timm:<name>" goes through the same contract in test_models_timm.py (kept there: importing timm is slow).
 ]
 

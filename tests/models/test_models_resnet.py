@@ -92,3 +92,18 @@ def test_invalid_depth(depth: int) -> None:
 def test_small_images_rejected() -> None:
     with pytest.raises(ValueError, match="image_size >= 8"):
         build_model("resnet20", num_classes=10, image_size=4)
+
+
+def test_resnet8_fedsm_layout() -> None:
+    """FedSM's CIFAR backbone (methods.md Appendix R S17): 64/128/256 widths, one block per stage, a linear 256 -> 512
+    projection without activation, then the classifier."""
+    torch.manual_seed(0)
+    m = build_model("resnet8_fedsm", num_classes=10)
+    assert m.num_features == 512 and m.head.in_features == 512
+    assert [len(stage) for stage in m.layers] == [1, 1, 1]
+    assert m.conv1.out_channels == 64 and m.proj.in_features == 256
+    x = torch.randn(2, 3, 32, 32)
+    pooled = torch.nn.functional.relu(m.bn1(m.conv1(x)))
+    pooled = m.pool(m.layers(pooled)).flatten(1)
+    torch.testing.assert_close(m.forward_features(x), m.proj(pooled))  # linear: no activation after the projection
+    torch.testing.assert_close(m(x), m.head(m.proj(pooled)))
