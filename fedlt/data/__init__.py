@@ -27,23 +27,25 @@ from fedlt.data.partition import (
     IID,
     PARTITIONERS,
     Dirichlet,
-    DirichletNoCap,
     DirichletPerSample,
     DirichletPrior,
-    HierarchicalPooled,
     Partitioner,
     PartitionError,
     PartitionResult,
     Shards,
-    dirichlet_no_cap_partition,
     dirichlet_partition,
     dirichlet_per_sample_partition,
     dirichlet_prior_partition,
-    hierarchical_pooled_partition,
     iid_partition,
     shards_partition,
 )
 from fedlt.data.plot import plot_partition
+from fedlt.data.pooled_partition import (
+    DirichletNoCap,
+    HierarchicalPooled,
+    dirichlet_no_cap_partition,
+    hierarchical_pooled_partition,
+)
 from fedlt.data.sources import (
     CIFAR10,
     CIFAR100,

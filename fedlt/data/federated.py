@@ -2,74 +2,31 @@
 
 Small datasets live on the device as uint8 tensors and are batched by index with tensor augmentation
 (DESIGN.md 3), so there is no DataLoader per client. Large or file-backed (memory-mapped) images stay on the host
-and only each batch travels to the device. Batches can be resized per batch (e.g. 32 px CIFAR to CLIP's 224 px)
-and normalised with the source's or a named (CLIP, ImageNet) mean/std. See methods.md 1.2 (LT profile),
-1.3 (partitions), 1.5 (local test sets), 1.6 (class groups) and 1.9 (FedPuReL's CLIP inputs).
+and only each batch travels to the device; how a batch is gathered, augmented, resized and normalised lives in
+``fedlt.data.batching``. See methods.md 1.2 (LT profile), 1.3 (partitions), 1.5 (local test sets), 1.6 (class
+groups) and 1.9 (FedPuReL's CLIP inputs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from fedlt.data.batching import AUGMENTATIONS, STORAGE_MODES, BatchPipeline, TensorSplit, check_choice
 from fedlt.data.domains import DOMAIN_LAYOUTS, DomainData, leave_one_domain_out
 from fedlt.data.local_test import LOCAL_TEST_PROTOCOLS, LocalTestContext, check_local_test
-from fedlt.data.longtail import GROUP_NAMES, class_groups, longtail_indices
+from fedlt.data.longtail import class_groups, longtail_indices
 from fedlt.data.partition import Dirichlet, Partitioner, PartitionResult
 from fedlt.data.sources import DataSource, SourceData
-from fedlt.data.transforms import NORMALIZATIONS, ImageAugment, TensorAugment, clip_augment, resize_images
+from fedlt.data.summary import federated_summary, write_summary
+from fedlt.data.transforms import NORMALIZATIONS
 
 __all__ = ["AUGMENTATIONS", "LOCAL_TEST_PROTOCOLS", "STORAGE_MODES", "FederatedDataset", "TensorSplit"]
-
-AUGMENTATIONS: tuple[str, ...] = ("source", "clip")
-"""Training augmentations: the source's own, or CLIP's random-resized crop (scale 0.08-1, bicubic) + flip."""
-
-STORAGE_MODES: tuple[str, ...] = ("auto", "device", "host")
-"""Where the image tensors live: ``auto`` picks ``host`` for file-backed or > ``HOST_STORAGE_BYTES`` images."""
-
-HOST_STORAGE_BYTES = 4 * 2**30
-"""``storage: auto`` keeps the images on the host above this size (train + test, as loaded)."""
-
-
-@dataclass
-class TensorSplit:
-    """Images, labels and optional domain ids of one split, all on the same device."""
-
-    x: Tensor
-    y: Tensor
-    domain: Tensor | None = None
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def to(self, device: torch.device | str, images: bool = True) -> TensorSplit:
-        """Returns a copy on ``device`` (tensors already there are not copied).
-
-        Args:
-            device: target device.
-            images: also move ``x``; False keeps the images where they are (host storage).
-        """
-        domain = None if self.domain is None else self.domain.to(device)
-        return TensorSplit(self.x.to(device) if images else self.x, self.y.to(device), domain)
-
-
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    """``x[idx]``; host images indexed by device indices are gathered on the host, then sent to the device."""
-    if x.device.type != "cpu" or idx.device.type == "cpu":
-        return x[idx]
-    batch = x[idx.cpu()]
-    if idx.device.type == "cuda":
-        batch = batch.pin_memory()  # pinned, so the copy is asynchronous
-    return batch.to(idx.device, non_blocking=True)
-
 
 class FederatedDataset:
     """A long-tailed, partitioned federated dataset held as tensors on one device.
@@ -157,9 +114,9 @@ class FederatedDataset:
             local_test = "none" if domain_names else "pooled" if partition.pools_test_set else "proportional"
         # Multi-domain layouts fix the clients themselves: no partitioner (and no proportions) behind them.
         check_local_test(local_test, None if domain_names else partition)
-        _check_choice("normalization", normalization, (None, *NORMALIZATIONS))
-        _check_choice("augmentation", augmentation, AUGMENTATIONS)
-        _check_choice("storage", storage, STORAGE_MODES)
+        check_choice("normalization", normalization, (None, *NORMALIZATIONS))
+        check_choice("augmentation", augmentation, AUGMENTATIONS)
+        check_choice("storage", storage, STORAGE_MODES)
         if image_size is not None and image_size < 1:
             raise ValueError(f"image_size must be a positive side length or None, got {image_size}")
         self.source = source
@@ -196,15 +153,15 @@ class FederatedDataset:
         self.augmentation = augmentation
         self.storage = storage
         self.image_size = image_size  # after setup: the side of the batches get_batch returns
-        self._resize = image_size
-        self.host_images = False  # resolved storage: images kept on the host (set up by setup())
+        self._batches = BatchPipeline(image_size)  # storage, augmentation, resize, normalisation (set up by setup())
         self.partition_unassigned = 0  # pooled items no client drew (P-E)
-        self._augment: TensorAugment | ImageAugment | None = None
-        self._scale: Tensor | None = None  # 1 / (255 std), shape (1, C, 1, 1)
-        self._shift: Tensor | None = None  # mean / std, shape (1, C, 1, 1)
-        self._stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self.class_names: list[str] = []
         self.lt_indices: np.ndarray | None = None  # indices of the LT subsample into the source's train set
+
+    @property
+    def host_images(self) -> bool:
+        """Resolved storage: whether the images are kept on the host (set up by ``setup``)."""
+        return self._batches.host_images
 
     @property
     def is_setup(self) -> bool:
@@ -234,18 +191,8 @@ class FederatedDataset:
 
     def _configure_inputs(self, data: Any, images: tuple[Tensor, ...]) -> None:
         """Normalisation statistics, training augmentation and storage, before ``_install``."""
-        self._stats = NORMALIZATIONS[self.normalization] if self.normalization else (tuple(data.mean), tuple(data.std))
-        if not self.augment:
-            self._augment = None
-        elif self.augmentation == "clip":
-            self._augment = clip_augment(self._resize)
-        else:
-            self._augment = self.source.augment
-        if self.storage == "auto":
-            size = sum(x.numel() * x.element_size() for x in images)
-            self.host_images = bool(getattr(data, "file_backed", False)) or size > HOST_STORAGE_BYTES
-        else:
-            self.host_images = self.storage == "host"
+        self._batches.configure(data, images, self.normalization, self.augmentation if self.augment else None,
+                                self.source, self.storage)
 
     def _build(self, data: SourceData) -> None:
         train_y, test_y = data.train_y.numpy(), data.test_y.numpy()
@@ -376,13 +323,7 @@ class FederatedDataset:
     def _set_output_shape(self, stored_channels: int, stored_size: int) -> None:
         # The model is built from in_channels / image_size, so they describe get_batch's output, not the storage.
         self.stored_image_size = stored_size
-        self.image_size = self._resize if self._resize is not None else stored_size
-        norm_channels = stored_channels if self._stats is None else len(self._stats[0])
-        self._repeat_channels = stored_channels == 1 and norm_channels > 1
-        if norm_channels != stored_channels and not self._repeat_channels:
-            raise ValueError(f"normalization {self.normalization or 'of the source'} has {norm_channels} channels but "
-                             f"the images have {stored_channels}")
-        self.in_channels = norm_channels
+        self.in_channels, self.image_size = self._batches.output_shape(stored_channels, stored_size, self.normalization)
 
     def _move(self, device: torch.device) -> None:
         images = not self.host_images
@@ -393,11 +334,7 @@ class FederatedDataset:
         self.client_indices = [p.to(device) for p in self.client_indices]
         self.client_test_indices = [p.to(device) for p in self.client_test_indices]
         self.client_test_classes = self.client_test_classes.to(device)
-        if self._stats is not None:
-            mean = torch.tensor(self._stats[0], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-            std = torch.tensor(self._stats[1], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-            # (x / 255 - mean) / std folded into one multiply-subtract on the hot path.
-            self._scale, self._shift = 1.0 / (255.0 * std), mean / std
+        self._batches.to(device)
         self.device = device
 
     def get_batch(
@@ -419,67 +356,14 @@ class FederatedDataset:
             (x float (B, in_channels, image_size, image_size), y int64 (B,)), plus domain ids int64 (B,) when the
             split has them.
         """
-        x = _gather(split.x, idx)
-        if x.dtype == torch.uint8:
-            # Augmenting the 0..255 floats equals augmenting x / 255: crop pads zeros and flips do not scale.
-            x = x.float()
-        if train and generator is not None and self._augment is not None:
-            x = self._augment(x, generator)
-        if self._resize is not None:
-            x = resize_images(x, self._resize)  # no-op when the augmentation already produced this size
-        if self._scale is not None:
-            if self._repeat_channels:
-                x = (x * self._scale).sub_(self._shift)  # (B, 1, H, W) broadcasts to the normalisation's channels
-            else:
-                # In place is safe: tensor indexing above always produced a fresh tensor.
-                x = x.mul_(self._scale).sub_(self._shift)
+        x = self._batches(split.x, idx, generator, train)
         if split.domain is not None:
             return x, split.y[idx], split.domain[idx]
         return x, split.y[idx]
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable description of the federated split for logs and plots."""
-        group_sizes = np.bincount(self.groups, minlength=len(GROUP_NAMES))
-        out = {
-            "source": self.source_name,
-            "num_classes": int(self.num_classes),
-            "num_clients": int(self.num_clients),
-            "imbalance_factor": self.imbalance_factor,
-            "lt_profile": self.lt_profile,
-            "partition": self.partition.describe() if self.partition is not None else {"name": "given"},
-            "partition_unassigned": int(self.partition_unassigned),
-            "local_test": self.local_test,
-            "image_size": int(self.image_size),
-            "stored_image_size": int(self.stored_image_size),
-            "in_channels": int(self.in_channels),
-            "normalization": self.normalization or "source",
-            "augmentation": self.augmentation if self.augment else "off",
-            "storage": "host" if self.host_images else "device",
-            "mask_absent_classes": self.mask_absent_classes,
-            "seed": self.seed,
-            "group_convention": self.group_convention,
-            "group_sizes": {name: int(group_sizes[g]) for g, name in enumerate(GROUP_NAMES)},
-            "groups": [GROUP_NAMES[g] for g in self.groups],
-            "train_size": len(self.train),
-            "test_size": len(self.test),
-            "class_counts": self.class_counts.tolist(),
-            "client_sizes": self.client_sizes.tolist(),
-            "client_class_counts": self.client_class_counts.tolist(),
-            "local_test_sizes": [int(p.numel()) for p in self.client_test_indices],
-            "local_test_shortfall": int(self.local_test_shortfall.sum()),
-        }
-        if self.domain_names and hasattr(self, "target_domain_id"):
-            out.update({
-                "domains": self.domain_names,
-                "target_domain": self.domain_names[self.target_domain_id],
-                "source_domains": [self.domain_names[d] for d in self.source_domain_ids],
-                "domain_layout": self.domain_layout,
-                "clients_per_domain": self.clients_per_domain if self.domain_layout == "clients_per_domain" else None,
-                "domain_alpha": self.domain_alpha if self.domain_layout == "clients_per_domain" else None,
-                "val_size": len(self.val) if self.val is not None else 0,
-                "client_domain_counts": self.client_domain_counts.tolist(),
-            })
-        return out
+        return federated_summary(self)
 
     def save_summary(self, path: str | os.PathLike[str]) -> None:
         """Writes ``summary()`` as JSON, atomically (temporary file + rename).
@@ -487,11 +371,7 @@ class FederatedDataset:
         Args:
             path: destination file; parent folders are created.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=1))
-        os.replace(tmp, path)
+        write_summary(self.summary(), path)
 
     @classmethod
     def from_tensors(
@@ -525,14 +405,12 @@ class FederatedDataset:
             A dataset whose tensors stay on ``train_x``'s device.
         """
         obj = cls.__new__(cls)
-        obj.source, obj.source_name, obj.partition, obj._stats = None, "tensors", None, None
-        obj.normalization, obj.augmentation, obj.storage, obj.host_images = None, "source", "device", False
-        obj._resize, obj.partition_unassigned = None, 0
+        obj.source, obj.source_name, obj.partition, obj._batches = None, "tensors", None, BatchPipeline()
+        obj.normalization, obj.augmentation, obj.storage, obj.partition_unassigned = None, "source", "device", 0
         obj.imbalance_factor, obj.lt_profile, obj.local_test, obj.seed = None, "given", "given", None
-        obj.group_convention, obj.augment, obj._augment = group_convention, False, None
+        obj.group_convention, obj.augment = group_convention, False
         obj.mask_absent_classes = mask_absent_classes
         obj.domain_names, obj.target_domain, obj.val, obj.client_val_indices = [], None, None, []
-        obj._scale = obj._shift = None
         obj.class_names, obj.lt_indices = [str(c) for c in range(num_classes)], None
         device = train_x.device
         if client_test_indices is None:
@@ -548,9 +426,3 @@ class FederatedDataset:
         obj.device = None
         obj._move(device)
         return obj
-
-
-def _check_choice(option: str, value: str | None, valid: tuple[str | None, ...]) -> None:
-    if value not in valid:
-        names = ", ".join("null" if v is None else v for v in valid)
-        raise ValueError(f"unknown {option} {value!r}; valid: {names}")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedlt.data.partition import PARTITIONERS, Partitioner, PartitionResult, dirichlet_no_cap_partition
+from fedlt.data.partition import PARTITIONERS, Partitioner, PartitionResult
+from fedlt.data.pooled_partition import dirichlet_no_cap_partition
 
 __all__ = [
     "LOCAL_TEST_PROTOCOLS",

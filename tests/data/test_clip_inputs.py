@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import fedlt.data.federated as federated
+import fedlt.data.batching as batching
 from fedlt.data.federated import FederatedDataset
 from fedlt.data.partition import IID
 from fedlt.data.sources import DataSource, SourceData
@@ -107,7 +107,7 @@ def test_one_channel_repeats_to_three() -> None:
 
 def test_clip_augmentation_shape_and_determinism() -> None:
     ds = _fed(image_size=224, normalization="clip", augmentation="clip")
-    aug = ds._augment
+    aug = ds._batches.augment
     assert isinstance(aug, ImageAugment)
     assert (aug.scale, aug.hflip, aug.size, aug.interpolation) == ((0.08, 1.0), True, 224, "bicubic")
     idx = torch.arange(4)
@@ -121,7 +121,7 @@ def test_clip_augmentation_shape_and_determinism() -> None:
     hi = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert (a >= lo.view(1, 3, 1, 1) - 1e-5).all() and (a <= hi.view(1, 3, 1, 1) + 1e-5).all()
     off = _fed(image_size=224, normalization="clip", augmentation="clip", augment=False)
-    assert off._augment is None
+    assert off._batches.augment is None
     torch.testing.assert_close(off.get_batch(off.train, idx, torch.Generator().manual_seed(1), train=True)[0], plain)
     source = _fed(image_size=40, augmentation="source")
     assert source.get_batch(source.train, idx, torch.Generator().manual_seed(1), train=True)[0].shape == (4, 3, 40, 40)
@@ -162,7 +162,7 @@ def test_host_storage_keeps_file_backed_images_in_place(tmp_path: Path) -> None:
 
 def test_storage_auto_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not _fed().host_images
-    monkeypatch.setattr(federated, "HOST_STORAGE_BYTES", 1000)
+    monkeypatch.setattr(batching, "HOST_STORAGE_BYTES", 1000)
     assert _fed().host_images
     assert not _fed(storage="device").host_images
     with pytest.raises(ValueError, match="valid: auto, device, host"):

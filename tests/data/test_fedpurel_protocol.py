@@ -17,13 +17,15 @@ from fedlt.data.local_test import (
 from fedlt.data.longtail import longtail_counts
 from fedlt.data.partition import (
     Dirichlet,
-    DirichletNoCap,
     DirichletPerSample,
-    HierarchicalPooled,
     PartitionError,
     _dirichlet_try,
-    dirichlet_no_cap_partition,
     dirichlet_split,
+)
+from fedlt.data.pooled_partition import (
+    DirichletNoCap,
+    HierarchicalPooled,
+    dirichlet_no_cap_partition,
     hierarchical_pooled_partition,
 )
 from fedlt.data.sources import DataSource, EmbeddedDigits, SourceData
