@@ -22,20 +22,24 @@ from fedlt.data.longtail import (
     longtail_counts,
     longtail_indices,
 )
+from fedlt.data.equal_partition import (
+    DirichletPrior,
+    GroupedDirichlet,
+    dirichlet_prior_partition,
+    grouped_dirichlet_partition,
+)
 from fedlt.data.lt_sources import ImageNetLT, PlacesLT
 from fedlt.data.partition import (
     IID,
     PARTITIONERS,
     Dirichlet,
     DirichletPerSample,
-    DirichletPrior,
     Partitioner,
     PartitionError,
     PartitionResult,
     Shards,
     dirichlet_partition,
     dirichlet_per_sample_partition,
-    dirichlet_prior_partition,
     iid_partition,
     shards_partition,
 )
@@ -104,6 +108,7 @@ __all__ = [
     "Dirichlet",
     "DirichletPerSample",
     "DirichletPrior",
+    "GroupedDirichlet",
     "EmbeddedDigits",
     "FashionMNIST",
     "FederatedDataset",
@@ -121,6 +126,7 @@ __all__ = [
     "dirichlet_partition",
     "dirichlet_per_sample_partition",
     "dirichlet_prior_partition",
+    "grouped_dirichlet_partition",
     "iid_partition",
     "local_test_quotas",
     "longtail_counts",

@@ -2,11 +2,12 @@
 
 Every partitioner is a pure, seeded function ``(labels, num_clients, ..., seed) -> list[np.ndarray]`` returning
 per-client sorted int64 index arrays that are pairwise disjoint and whose union is ``range(len(labels))``.
-The config-facing classes (``Dirichlet``, ``DirichletPerSample``, ``DirichletPrior``, ``IID``, ``Shards``) wrap
+The config-facing classes (``Dirichlet``, ``DirichletPerSample``, ``IID``, ``Shards``) wrap
 them so jsonargparse can build them from YAML; their constructor arguments are the schema. ``Partitioner.split``
 also returns what a draw used (the Dirichlet proportions p_{k,c}), which the T-B local test protocol reuses.
 FedPuReL's P-E (``HierarchicalPooled``, which splits the pooled train + test sets) and P-F (``DirichletNoCap``)
-live in ``fedlt.data.pooled_partition`` and register in the same ``PARTITIONERS``.
+live in ``fedlt.data.pooled_partition``, the equal-size P-C (``GroupedDirichlet``, CReFF / CLIP2FL / FedSM) and P-D
+(``DirichletPrior``, RedGrape) in ``fedlt.data.equal_partition``; all register in the same ``PARTITIONERS``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,12 @@ __all__ = [
     "PARTITIONERS",
     "Dirichlet",
     "DirichletPerSample",
-    "DirichletPrior",
     "PartitionError",
     "PartitionResult",
     "Partitioner",
     "Shards",
     "dirichlet_partition",
     "dirichlet_per_sample_partition",
-    "dirichlet_prior_partition",
     "dirichlet_split",
     "iid_partition",
     "shards_partition",
@@ -251,59 +250,6 @@ def shards_partition(labels: np.ndarray, num_clients: int, seed: int, shards_per
     return _finish([np.concatenate([shards[s] for s in row]) for row in shard_ids])
 
 
-def _take_from_pools(pools: list[list[int]], want: np.ndarray, budget: int) -> list[int]:
-    """Takes up to ``want[c]`` samples of each class (at most ``budget`` in all), then fills any shortfall from
-    the classes that still hold samples, in proportion to what they hold (P-D rule)."""
-    taken: list[int] = []
-    for c, n in enumerate(want):
-        n = int(min(n, len(pools[c]), budget - len(taken)))
-        taken.extend(pools[c][:n])
-        del pools[c][:n]
-    while len(taken) < budget:
-        sizes = np.array([len(p) for p in pools], dtype=np.float64)
-        if sizes.sum() == 0:
-            break
-        extra = np.floor(sizes / sizes.sum() * (budget - len(taken))).astype(np.int64)
-        if extra.sum() == 0:  # fewer samples wanted than classes left: one from the largest pool
-            extra[int(np.argmax(sizes))] = 1
-        for c, n in enumerate(extra):
-            n = int(min(n, len(pools[c]), budget - len(taken)))
-            taken.extend(pools[c][:n])
-            del pools[c][:n]
-    return taken
-
-
-def dirichlet_prior_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
-    """P-D client-wise Dirichlet with the global prior and equal client sizes (RedGrape's code, methods.md 1.3).
-
-    For every client k but the last: q_k ~ Dir(alpha * p_global) over the classes present, with p_global the
-    training label frequencies; the client receives N // K samples, round(q_{k,c} * N / K) of class c taken from
-    that class's remaining (shuffled) pool; a shortfall (exhausted pools, rounding) is filled from the other
-    classes in proportion to what they still hold. The last client takes every leftover sample. The concentration
-    vector sums to alpha, so tail classes are rarely drawn.
-
-    Args:
-        labels: training labels (N,).
-        num_clients: K.
-        alpha: concentration alpha (> 0) multiplying the global prior.
-        seed: seed of the split.
-    """
-    labels = _validate(labels, num_clients, alpha)
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    pools = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in classes]
-    prior = np.array([len(p) for p in pools], dtype=np.float64) / labels.shape[0]
-    budget = labels.shape[0] // num_clients
-    parts: list[list[int]] = []
-    for _ in range(num_clients - 1):
-        q = rng.dirichlet(alpha * prior)
-        q = np.nan_to_num(q, nan=0.0)  # tiny concentrations can underflow; renormalise what is left
-        q = q / q.sum() if q.sum() > 0 else prior
-        parts.append(_take_from_pools(pools, np.round(q * budget).astype(np.int64), budget))
-    parts.append([i for p in pools for i in p])
-    return _finish(parts)
-
-
 PARTITIONERS: Registry[type[Partitioner]] = Registry("partitioner")
 
 
@@ -470,23 +416,3 @@ class Shards(Partitioner):
 
     def _params(self) -> dict[str, Any]:
         return {"shards_per_client": self.shards_per_client}
-
-
-@PARTITIONERS.register("dirichlet_prior")
-class DirichletPrior(Partitioner):
-    """P-D client-wise Dirichlet over the global class prior with equal client sizes (RedGrape's code).
-
-    Args:
-        alpha: concentration alpha multiplying the global label frequencies (RedGrape: 1.0).
-    """
-
-    name = "dirichlet_prior"
-
-    def __init__(self, alpha: float = 1.0) -> None:
-        self.alpha = alpha
-
-    def _split(self, labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
-        return dirichlet_prior_partition(labels, num_clients, self.alpha, seed)
-
-    def _params(self) -> dict[str, Any]:
-        return {"alpha": self.alpha}

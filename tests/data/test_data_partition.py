@@ -38,8 +38,8 @@ def _assert_exact_cover(parts: list[np.ndarray], n: int) -> None:
 
 
 def test_registry_names() -> None:
-    names = ["dirichlet", "dirichlet_no_cap", "dirichlet_per_sample", "dirichlet_prior", "hierarchical_pooled", "iid",
-             "shards"]
+    names = ["dirichlet", "dirichlet_no_cap", "dirichlet_per_sample", "dirichlet_prior", "grouped_dirichlet",
+             "hierarchical_pooled", "iid", "shards"]
     assert PARTITIONERS.names() == names
     with pytest.raises(UnknownNameError, match=", ".join(names)):
         PARTITIONERS.get("label_skew")
@@ -187,3 +187,28 @@ def test_dirichlet_prior_equal_sizes_and_prior_limit():
     skewed = dirichlet_prior_partition(labels, 8, alpha=0.1, seed=0)
     top_share = np.mean([np.bincount(labels[p], minlength=10).max() / len(p) for p in skewed[:-1]])
     assert top_share > prior.max() + 0.2
+
+
+def test_grouped_dirichlet_is_equal_sized_skewed_and_follows_the_groups() -> None:
+    """P-C (CReFF / CLIP2FL / FedSM, methods.md 1.3 and Appendix R S18): equal client sizes, every sample placed once,
+    label skew from the per-group Dirichlet, deterministic given the seed."""
+    from fedlt.data import grouped_dirichlet_partition
+
+    labels = np.repeat(np.arange(10), longtail_counts(500, 10, 10))
+    parts = grouped_dirichlet_partition(labels, 20, alpha=0.5, seed=0)
+    sizes = [p.size for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == labels.size
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(labels.size))
+    hists = np.stack([np.bincount(labels[p], minlength=10) for p in parts]) / np.array(sizes)[:, None]
+    global_hist = np.bincount(labels, minlength=10) / labels.size
+    assert np.abs(hists - global_hist).sum(1).mean() > 0.5  # strongly skewed at alpha 0.5
+    again = grouped_dirichlet_partition(labels, 20, alpha=0.5, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = grouped_dirichlet_partition(labels, 20, alpha=0.5, seed=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+    iid_like = grouped_dirichlet_partition(labels, 20, alpha=1e4, seed=0)
+    flat = np.stack([np.bincount(labels[p], minlength=10) for p in iid_like]) / np.array(sizes)[:, None]
+    assert np.abs(flat - global_hist).sum(1).max() < 0.1  # alpha -> infinity: every client like the global set
+    # 12 clients: one group of 10 and one of 2, still equal sizes overall.
+    parts12 = grouped_dirichlet_partition(labels, 12, alpha=0.5, seed=0)
+    assert max(p.size for p in parts12) - min(p.size for p in parts12) <= 1
