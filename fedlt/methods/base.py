@@ -136,6 +136,9 @@ class FedMethod:
     runs_after_aggregation: ClassVar[bool] = False
     # Whether the method only works on a CLIP model (``clip:<name>``, :class:`fedlt.models.clip.ClipModel`).
     needs_clip: ClassVar[bool] = False
+    # Whether the method trains anything (False: no optimizer step, no training loss, the global state never
+    # changes -- e.g. zero-shot CLIP; the contract suite then checks only its evaluation).
+    trains: ClassVar[bool] = True
     personal_prefixes: ClassVar[tuple[str, ...]] = ()
     # Whether a global model exists for GM evaluation; a method may also set it per instance in ``setup``
     # when it depends on the model (FedBN without BatchNorm layers is FedAvg).

@@ -29,7 +29,8 @@ def test_method_config_composes_with_quickstart(config, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--config", str(config), "--print_config"])
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["method"]["class_path"].rsplit(".", 1)[-1].lower() == config.stem
+    # Class name = registry key up to case and underscores (ZeroShotCLIP is zeroshot_clip).
+    assert resolved["method"]["class_path"].rsplit(".", 1)[-1].lower() == config.stem.replace("_", "")
 
 
 def test_quickstart_matches_the_issue_protocol():

@@ -63,9 +63,10 @@ def test_every_method_has_a_config_and_a_paper():
 def test_two_rounds_finite_and_change_the_global_state(name, tmp_path):
     sim = _sim(name, tmp_path)
     before = _state(sim)
+    trains = METHODS.get(name).trains  # False: nothing to train (zero-shot CLIP), only the evaluation is checked
     for metrics in _run(sim):
-        assert metrics["train/loss"] > 0 and math.isfinite(metrics["train/loss"])
-    assert any(not torch.equal(before[k], v) for k, v in sim.global_state.items())
+        assert not trains or (metrics["train/loss"] > 0 and math.isfinite(metrics["train/loss"]))
+    assert not trains or any(not torch.equal(before[k], v) for k, v in sim.global_state.items())
     metrics = sim.evaluate()
     assert 0.0 <= metrics["test/personal/acc_mean"] <= 1.0
     if sim.method.has_global_model:
