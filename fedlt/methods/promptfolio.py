@@ -20,9 +20,8 @@ Server: sample-weighted FedAvg of the global context (``fed_aggregate_model`` av
 clients' data sizes).
 Inference: PM (client k) = the portfolio with k's local prompt -- the model the paper evaluates on each client's
 test data; GM = the global prompt alone (``logit_scale * f @ t_g^T``), reported for FedPuReL's GM tables.
-Hyperparameters (paper symbol): ``theta`` (theta, the mixing coefficient, 0.2 -- the paper's default as we recall
-it, not verified against the PDF here; the official README example and the code's argparse default use
-``--frac_p 0.4``), ``lr`` 1e-3 (the code's default), ``momentum`` 0.9 and ``weight_decay`` 5e-4 (Dassl SGD, as
+Hyperparameters (paper symbol): ``theta`` (theta, the mixing coefficient; default 0.4 = the official code's
+argparse default and README example ``--frac_p 0.4``; the paper's own choice was not verified against the PDF), ``lr`` 1e-3 (the code's default), ``momentum`` 0.9 and ``weight_decay`` 5e-4 (Dassl SGD, as
 for PromptFL), ``batch_size`` 32 (FedPuReL's protocol; the code's default is 16), ``local_epochs`` 1.
 The context length is the model's ``n_ctx`` (code default 8, FedPuReL 4).
 Deviations / choices: fp32 master weights instead of the code's fp16 CLIP; a fresh optimizer per client and round
@@ -66,7 +65,7 @@ class PromptFolio(PromptFL):
         arxiv="2409.19610",
     )
 
-    def __init__(self, theta: float = 0.2, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 5e-4,
+    def __init__(self, theta: float = 0.4, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 5e-4,
                  local_epochs: int = 1, batch_size: int = 32, **kwargs: Any) -> None:
         super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, local_epochs=local_epochs,
                          batch_size=batch_size, **kwargs)
