@@ -1,0 +1,442 @@
+"""FedPuReL: gradient Purification (Stage 1) + Residual Learning (Stage 2) on a frozen CLIP.
+
+Paper: "Fine-tuning Impairs the Balancedness of Foundation Models in Long-tailed Personalized Federated Learning",
+CVPR 2026, arXiv:2605.02247 (the id given by pith.science/paper/2605.02247). Official code: github
+shihaohou/FedPuReL. Spec: methods.md section 4 (paper [paper] vs official code [code]).
+
+Model: a frozen CLIP (``model.name: clip:<open_clip model>``, text head) with two PEFT branches of the model's kind
+(``model.kwargs.peft``: ``prompt`` = CoOp context, ``lora`` = image-tower q/k/v LoRA, ``adapter`` = CLIP-Adapter):
+the global branch phi_g (``peft.global.*``, aggregated) and the personal residual branch phi_k
+(``peft.personal.*``, added in :meth:`FedPuReL.setup`, kept per client and never uploaded; every client starts from
+the same seeded initialisation). Logits: l_G(x) = CLIP(x; phi_g), l_P^k(x) = CLIP(x; phi_k), and the zero-shot
+teacher z(x) (no PEFT, hand-crafted template text features).
+
+Client, Stage 1 (every local step, methods.md 4.3): student f = l_G(x), teacher z = z(x) (no grad);
+L_task = CE(f, y) (the configured ``loss``), L_align = TKL(f, z) (``fedlt.methods._tkl``: per-sample bisection of
+the temperatures that give both tempered softmaxes the mean entropy H*; teacher-first KL, tau_f constant, gradient
+through f only). g_align = grad_{phi_g} L_align and g_task = grad_{phi_g} L_task (two ``torch.autograd.grad`` calls
+on one graph); purification g~ = g_task - lambda_proj <g_task, g_align> / ||g_align||^2 g_align where
+<g_task, g_align> < 0 (else g~ = g_task exactly), per parameter tensor [code] or over the concatenated vector
+[paper]; the code tests the cosine, whose sign is the inner product's. The step uses g~ only (g_align is a direction
+constraint, never added [code]); SGD lr 1e-3, momentum 0.9, weight decay 5e-4 (Dassl defaults [code]).
+Server (4.4): sample-weighted FedAvg of phi_g only (the reducer's state holds exactly the ``peft.global.*``
+tensors). Round 1 trains every client [code]; later rounds the engine's uniform cohort (trainer.clients_per_round,
+floor(q K) in the paper's notation).
+Stage 2 (4.5): phi_k minimises L_k = (1 - lambda) CE(l_G + l_P^k, y) + lambda CE(l_P^k, y), with l_G computed with
+phi_g frozen (no grad, eval mode); plain SGD lr 1e-3 without momentum or weight decay, a fresh optimizer [code].
+``stage2="interleaved"`` [code]: in every round, after the server step, each client of the cohort trains phi_k for
+``stage2_epochs`` epochs against the new phi_g^t (the engine's ``after_aggregation`` pass). ``stage2="post_hoc"``
+[paper text]: after the last round every client trains phi_k for ``stage2_epochs`` epochs against the final phi_g
+(``on_fit_end``; a ``post_training`` evaluation follows; the per-round PM before it uses the initial phi_k). Stage 2
+always uses plain cross-entropy (the ``loss`` argument only replaces L_task).
+Inference (4.6): GM = l_G; PM (client k) = l_G + l_P^k (image features computed once for prompt PEFT, per branch for
+LoRA / adapter). The zero-shot model is not used at inference.
+Balancedness (methods.md 1.7, definition pending): logged for every method by the evaluator; the default key is
+``test/global/balancedness`` / ``test/personal/balancedness`` = worst-class accuracy, candidate (a); the other
+candidates are logged beside it.
+Logged losses: ``train/loss`` = L_task, ``train/loss_tkl_teacher_first`` and ``train/loss_tkl_reverse`` (the
+diagnostic TKL in both directions, one bisection), ``train/loss_conflict`` (fraction of purification groups --
+tensors, or the whole vector -- that were projected).
+
+Hyperparameters (paper symbol): ``lam`` (lambda, 0.9 [paper, ablated best]; 0.99 [code, README]), ``lambda_proj``
+(projection strength, 1), ``purification`` (per_tensor [code] | global [paper]), ``tkl_iters`` / ``tau_min`` /
+``tau_max`` (bisection: 20 iterations on [0.05, 20] [code]), ``align_direction`` (teacher_first [code] | reverse),
+``alignment`` (tkl | kl: the plain-KL ablation of the paper), ``share_optimizer_state``, ``full_first_round``,
+``stage2``, ``stage2_epochs``, ``stage2_lr`` / ``stage2_momentum`` / ``stage2_weight_decay``,
+``adapter_fusion_only``, plus ``lr`` (1e-3), ``momentum`` (0.9), ``weight_decay`` (5e-4), ``batch_size`` (B, 32),
+``local_epochs`` (E, 1). Model arguments (prompt length n_ctx 4, LoRA rank 8 / alpha 16 / dropout 0.25) belong to
+the experiment config's ``model.kwargs``.
+
+Deviations / choices (methods.md 4.8 and section 8 rows 10-16):
+- lambda defaults to the paper's 0.9 (the code's 0.99 via ``lam``).
+- Adapter PEFT: the code trains phi_k with the fusion CE only (lambda = 0); ``adapter_fusion_only=True`` keeps that
+  behaviour explicitly (``False`` applies ``lam`` to adapters too).
+- Optimizer: a fresh Stage-1 optimizer per client and round by default. ``share_optimizer_state=True`` mimics the
+  code's single optimizer object reused across clients and rounds (momentum leaks between clients); the shared
+  optimizer is per rank, so with several ranks the leak follows each rank's clients (in sorted order, after the
+  engine's size-balanced assignment) and cannot match the code's single-process order exactly; its state is
+  checkpointed from rank 0. The code's warm-up/cosine scheduler lands on the base lr at every call: constant lr.
+- Precision: the code runs the prompt models with CLIP in fp16 (parameters and gradients in half precision). fedlt
+  keeps fp32 master weights; with ``trainer.precision`` set, forward passes run under Fabric's autocast and the
+  losses, TKL bisection and purification are computed in fp32. With ``16-mixed`` on CUDA both gradients are taken of
+  the *scaled* losses (one common scale, to which purification is equivariant), g~ is written into ``.grad`` and
+  the engine's ``LocalTrainer.step`` unscales, skips steps with inf/NaN and updates the scale.
+- Personal branch init: drawn from a generator seeded from the experiment seed (not the global RNG), identical on
+  every rank and for every client.
+- Stage-2 losses are not logged (the engine's second pass has no loss channel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedlt.engine.params import model_tensors
+from fedlt.engine.sharding import derive_seed, sample_cohort
+from fedlt.methods._clip import require_clip
+from fedlt.methods._finetune import client_counts
+from fedlt.methods._tkl import DIRECTIONS, aligned_temperatures, plain_kl, tkl
+from fedlt.methods.base import METHODS
+from fedlt.methods.fedavg import FedAvg
+from fedlt.types import ClientContext, PaperRef, StepOutput
+
+if TYPE_CHECKING:
+    from fedlt.engine.local_loop import LocalTrainer
+
+GLOBAL, PERSONAL = "global", "personal"
+PERSONAL_PREFIX = f"peft.{PERSONAL}."
+PURIFICATIONS = ("per_tensor", "global")
+STAGE2_SCHEDULES = ("interleaved", "post_hoc")
+ALIGNMENTS = ("tkl", "kl")
+_STORE_MODEL = "model."  # the simulator's prefix of model tensors in the client store
+_INIT_TAG, _POST_HOC_TAG = 0xF0_9E1, 0xF0_9E2
+
+
+def purify(g_task: Sequence[Tensor], g_align: Sequence[Tensor], mode: str = "per_tensor",
+           lambda_proj: float = 1.0) -> tuple[list[Tensor], Tensor]:
+    """Gradient purification: removes from ``g_task`` its component against ``g_align`` where they conflict.
+
+    ``g~ = g_task - lambda_proj * <g_task, g_align> / ||g_align||^2 * g_align`` where ``<g_task, g_align> < 0``,
+    else ``g~ = g_task`` (bit-identical). With ``lambda_proj = 1`` the purified gradient is orthogonal to
+    ``g_align`` where a conflict was found, and ``||g~|| <= ||g_task||`` for ``lambda_proj`` in [0, 2].
+    Decided on device (no host sync per tensor).
+
+    Args:
+        g_task: gradients of the task loss, one per parameter tensor.
+        g_align: gradients of the alignment loss, same shapes.
+        mode: ``per_tensor`` (each tensor on its own, official code) or ``global`` (one concatenated vector, paper).
+        lambda_proj: strength of the projection.
+
+    Returns:
+        (purified gradients, bool tensor of which groups were projected: one per tensor, or one for ``global``).
+    """
+    if mode not in PURIFICATIONS:
+        raise ValueError(f"unknown purification {mode!r}; valid: {', '.join(PURIFICATIONS)}")
+    if not g_task:
+        return [], torch.zeros(0, dtype=torch.bool)
+    dots = torch.stack([(t.float() * a.float()).sum() for t, a in zip(g_task, g_align)])
+    sqs = torch.stack([a.float().pow(2).sum() for a in g_align])
+    if mode == "global":
+        dots, sqs = dots.sum().expand(len(g_task)), sqs.sum().expand(len(g_task))
+    conflict = dots < 0
+    coef = lambda_proj * dots / sqs.clamp_min(torch.finfo(torch.float32).tiny)
+    out = [torch.where(conflict[i], t - (coef[i] * a.float()).to(t.dtype), t)
+           for i, (t, a) in enumerate(zip(g_task, g_align))]
+    return out, (conflict[:1] if mode == "global" else conflict)
+
+
+@METHODS.register("fedpurel")
+class FedPuReL(FedAvg):
+    """Purified FedAvg of a global CLIP PEFT branch plus a per-client residual branch (FedPuReL).
+
+    Args:
+        lam: Stage-2 weight lambda of the residual CE (1 - lambda weighs the fused CE); paper 0.9, code 0.99.
+        lambda_proj: projection strength of the purification (1: exactly the paper's formula).
+        purification: ``per_tensor`` (official code) or ``global`` (one vector over all phi_g tensors).
+        alignment: ``tkl`` (temperature-aligned KL) or ``kl`` (plain KL at temperature 1, the paper's ablation).
+        align_direction: direction of the alignment loss: ``teacher_first`` KL(z || f) (code) or ``reverse``.
+        tkl_iters: bisection iterations of the TKL temperatures.
+        tau_min: lower end of the temperature bracket.
+        tau_max: upper end of the temperature bracket.
+        share_optimizer_state: reuse one Stage-1 optimizer across clients and rounds (the code's momentum leak;
+            per rank, see the module docstring) instead of a fresh one per client and round.
+        full_first_round: every client trains in round 1 (official code); later rounds use the engine's sampler.
+        stage2: ``interleaved`` (every round after aggregation, cohort clients; code) or ``post_hoc`` (every client
+            after the last round).
+        stage2_epochs: epochs of Stage 2 per round (interleaved) or in total (post_hoc).
+        stage2_lr: Stage-2 SGD learning rate.
+        stage2_momentum: Stage-2 SGD momentum (code: none).
+        stage2_weight_decay: Stage-2 weight decay (code: none).
+        adapter_fusion_only: with adapter PEFT, Stage 2 uses the fused CE only (lambda = 0), as the official code.
+        lr: Stage-1 SGD learning rate (eta).
+        momentum: Stage-1 SGD momentum.
+        weight_decay: Stage-1 weight decay.
+        local_epochs: Stage-1 local epochs E.
+        batch_size: local batch size B (both stages).
+        **kwargs: further local-training arguments of :class:`fedlt.methods.base.FedMethod` (``local_steps``,
+            ``grad_clip`` -- applied to g~ and to the Stage-2 gradient --, ``loss`` for L_task).
+    """
+
+    paper = PaperRef(
+        title="Fine-tuning Impairs the Balancedness of Foundation Models in Long-tailed Personalized Federated "
+        "Learning",
+        venue="CVPR 2026",
+        arxiv="2605.02247",
+        url="https://github.com/shihaohou/FedPuReL",
+    )
+    automatic_optimization = False
+    needs_clip = True
+
+    def __init__(
+        self,
+        lam: float = 0.9,
+        lambda_proj: float = 1.0,
+        purification: str = "per_tensor",
+        alignment: str = "tkl",
+        align_direction: str = "teacher_first",
+        tkl_iters: int = 20,
+        tau_min: float = 0.05,
+        tau_max: float = 20.0,
+        share_optimizer_state: bool = False,
+        full_first_round: bool = True,
+        stage2: str = "interleaved",
+        stage2_epochs: int = 1,
+        stage2_lr: float = 1e-3,
+        stage2_momentum: float = 0.0,
+        stage2_weight_decay: float = 0.0,
+        adapter_fusion_only: bool = True,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        local_epochs: int = 1,
+        batch_size: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, local_epochs=local_epochs,
+                         batch_size=batch_size, **kwargs)
+        for name, value, valid in (("purification", purification, PURIFICATIONS), ("alignment", alignment, ALIGNMENTS),
+                                   ("align_direction", align_direction, DIRECTIONS),
+                                   ("stage2", stage2, STAGE2_SCHEDULES)):
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        if lambda_proj < 0:
+            raise ValueError(f"lambda_proj must be >= 0, got {lambda_proj}")
+        if not 0 < tau_min < tau_max or tkl_iters < 1:
+            raise ValueError("need 0 < tau_min < tau_max and tkl_iters >= 1")
+        if stage2_epochs < 0 or stage2_lr <= 0:
+            raise ValueError("stage2_epochs must be >= 0 and stage2_lr > 0")
+        self.lam = float(lam)
+        self.lambda_proj = float(lambda_proj)
+        self.purification = purification
+        self.alignment = alignment
+        self.align_direction = align_direction
+        self.tkl_iters = int(tkl_iters)
+        self.tau_min, self.tau_max = float(tau_min), float(tau_max)
+        self.share_optimizer_state = bool(share_optimizer_state)
+        self.full_first_round = bool(full_first_round)
+        self.stage2 = stage2
+        self.stage2_epochs = int(stage2_epochs)
+        self.stage2_lr = float(stage2_lr)
+        self.stage2_momentum = float(stage2_momentum)
+        self.stage2_weight_decay = float(stage2_weight_decay)
+        self.adapter_fusion_only = bool(adapter_fusion_only)
+        # The engine's second client pass of every round (interleaved Stage 2).
+        self.runs_after_aggregation = stage2 == "interleaved"
+        self._shared_opt: torch.optim.Optimizer | None = None
+        self._pending_opt_state: dict[str, Any] | None = None
+
+    # -- wiring ----------------------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
+        clip = require_clip(model, "FedPuReL")
+        if clip.peft_kind == "none" or clip.head_kind != "text":
+            raise ValueError("FedPuReL trains PEFT branches of CLIP's text classifier: set model.kwargs.peft to "
+                             f"prompt, lora or adapter and head to text; got peft={clip.peft_kind!r}, "
+                             f"head={clip.head_kind!r}")
+        if PERSONAL not in clip.branches:
+            # Before the engine splits the keys; seeded so that every rank builds the same phi_k initialisation.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(int(getattr(self, "experiment_seed", 0) or 0), _INIT_TAG))
+                clip.add_branch(PERSONAL)
+        super().setup(model, data, trainer)
+        self.clip = clip
+        self._global_params = [p for p in clip.peft[GLOBAL].parameters() if p.requires_grad]
+        self._personal_params = [p for p in clip.peft[PERSONAL].parameters() if p.requires_grad]
+
+    def is_personal(self, key: str) -> bool:
+        return key.startswith(PERSONAL_PREFIX)
+
+    @property
+    def personalizes(self) -> bool:
+        return True
+
+    def cohort_sampler(self) -> Callable[[int, int, int, int], list[int]] | None:
+        """Round 1: every client (``full_first_round``); later rounds the engine's uniform sampler."""
+        if not self.full_first_round:
+            return None
+
+        def sampler(seed: int, round: int, num_clients: int, clients_per_round: int) -> list[int]:
+            if round == 1:
+                return list(range(num_clients))
+            return sample_cohort(seed, round, num_clients, clients_per_round)
+
+        return sampler
+
+    # -- Stage 1 ---------------------------------------------------------------------------------------------
+    def _stage1_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self._global_params, lr=self.lr, momentum=self.momentum,
+                               weight_decay=self.weight_decay)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """SGD over phi_g: fresh per client and round, or one shared object (``share_optimizer_state``)."""
+        if not self.share_optimizer_state:
+            return [self._stage1_optimizer()]
+        if self._shared_opt is None:
+            self._shared_opt = self._stage1_optimizer()
+            if self._pending_opt_state is not None:
+                self._shared_opt.load_state_dict(self._pending_opt_state)
+                self._pending_opt_state = None
+        return [self._shared_opt]
+
+    def student_teacher(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(f, z): the global branch's logits l_G (with gradients) and the zero-shot logits (without)."""
+        clip = self.clip
+        if clip.image_depends_on_branch():
+            return clip.classify(clip.encode(x, GLOBAL), GLOBAL), clip.zero_shot_logits(x)
+        feats = clip.encode(x, None)  # prompt PEFT: the image side is the frozen tower, shared by both
+        with torch.no_grad():
+            z = clip.classify(feats, None)
+        return clip.classify(feats, GLOBAL), z
+
+    def stage1_losses(self, x: Tensor, y: Tensor, ctx: ClientContext) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(L_task, L_align, diagnostics) of a mini-batch (losses in fp32)."""
+        f, z = self.student_teacher(x)
+        f, z = f.float(), z.float()
+        task = self.loss(f, y, ctx.class_counts, ctx.round)
+        taus = aligned_temperatures(f, z, self.tkl_iters, self.tau_min, self.tau_max)
+        temps = (taus[0], taus[1])
+        if self.alignment == "tkl":
+            align = tkl(f, z, self.align_direction, temperatures=temps)
+        else:
+            align = plain_kl(f, z, self.align_direction)
+        with torch.no_grad():
+            diag = {d: tkl(f, z, d, temperatures=temps) for d in DIRECTIONS}
+        return task, align, {f"tkl_{d}": v for d, v in diag.items()}
+
+    def _scaled(self, loss: Tensor) -> Tensor:
+        scaler = getattr(self.trainer, "scaler", None)
+        return scaler.scale(loss) if scaler is not None else loss
+
+    def _grads(self, loss: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
+        grads = torch.autograd.grad(self._scaled(loss), params, retain_graph=retain_graph, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def purified_gradients(self, x: Tensor, y: Tensor, ctx: ClientContext) -> tuple[list[Tensor], Tensor,
+                                                                                      dict[str, Tensor]]:
+        """(g~, L_task, parts) of a mini-batch: both gradients w.r.t. phi_g from one graph, then purification."""
+        task, align, parts = self.stage1_losses(x, y, ctx)
+        g_align = self._grads(align, self._global_params, retain_graph=True)
+        g_task = self._grads(task, self._global_params, retain_graph=False)
+        g_tilde, conflict = purify(g_task, g_align, self.purification, self.lambda_proj)
+        parts["conflict"] = conflict.float().mean() if conflict.numel() else torch.zeros((), device=task.device)
+        return g_tilde, task, parts
+
+    def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
+        """One purified step: g~ is written into ``.grad`` and the engine's trainer steps (unscaling, clipping)."""
+        x, y = batch[0], batch[1]
+        g_tilde, task, parts = self.purified_gradients(x, y, ctx)
+        for p, g in zip(self._global_params, g_tilde):
+            p.grad = g
+        self.trainer.step(self._optimizers[0], self.grad_clip)
+        return StepOutput(loss=None, parts={"loss": task.detach(), **parts})
+
+    # -- Stage 2 ---------------------------------------------------------------------------------------------
+    @property
+    def stage2_lambda(self) -> float:
+        """The lambda Stage 2 uses: 0 (fused CE only) for adapter PEFT with ``adapter_fusion_only``."""
+        return 0.0 if self.adapter_fusion_only and self.clip.peft_kind == "adapter" else self.lam
+
+    def branch_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(l_G, l_P) of a batch with the branches as they are, both with whatever gradients are enabled."""
+        clip = self.clip
+        if clip.image_depends_on_branch():
+            return clip.classify(clip.encode(x, GLOBAL), GLOBAL), clip.classify(clip.encode(x, PERSONAL), PERSONAL)
+        feats = clip.encode(x, None)
+        return clip.classify(feats, GLOBAL), clip.classify(feats, PERSONAL)
+
+    def stage2_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """L_k = (1 - lambda) CE(l_G + l_P, y) + lambda CE(l_P, y), l_G without gradients and in eval mode (a term
+        with weight 0 is left out, so lambda = 1 ignores l_G entirely)."""
+        clip = self.clip
+        shared = not clip.image_depends_on_branch()
+        was_training = clip.training
+        clip.eval()
+        with torch.no_grad():
+            feats = clip.encode(x, None if shared else GLOBAL)
+            l_g = clip.classify(feats, GLOBAL).float()
+        clip.train(was_training)
+        l_p = clip.classify(feats if shared else clip.encode(x, PERSONAL), PERSONAL).float()
+        lam = self.stage2_lambda
+        terms = []
+        if lam < 1.0:
+            terms.append((1.0 - lam) * F.cross_entropy(l_g + l_p, y))
+        if lam > 0.0:
+            terms.append(lam * F.cross_entropy(l_p, y))
+        return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+    def train_personal(self, ctx: ClientContext, indices: Tensor, epochs: int) -> int:
+        """``epochs`` passes of Stage 2 on phi_k (plain SGD, fresh optimizer) through the engine's trainer; the
+        workspace must hold the client's phi_k and the phi_g to train against. Returns the number of steps."""
+        if epochs == 0 or not self._personal_params:
+            return 0
+        data = self.data
+        order = self.trainer.batch_indices(indices, ctx, self.batch_size, epochs)
+        batches = (data.get_batch(data.train, idx, ctx.generator, train=True) for idx in order)
+        opt = torch.optim.SGD(self._personal_params, lr=self.stage2_lr, momentum=self.stage2_momentum,
+                              weight_decay=self.stage2_weight_decay)
+        self.clip.train()
+        records = self.trainer.run(batches, lambda b: StepOutput(loss=self.stage2_loss(b[0], b[1])), [opt],
+                                   self.grad_clip)
+        return len(records)
+
+    def after_aggregation(self, ctx: ClientContext, indices: Tensor) -> None:
+        """Interleaved Stage 2: phi_k against the round's new phi_g^t."""
+        self.train_personal(ctx, indices, self.stage2_epochs)
+
+    def on_fit_end(self, simulator: Any) -> bool | None:
+        """Post-hoc Stage 2: every client trains phi_k against the final phi_g (this rank: clients
+        ``cid % world_size == rank``; the client store is then synced across ranks). Returns ``True`` so a
+        ``post_training`` evaluation follows."""
+        if self.stage2 != "post_hoc":
+            return None
+        sim = simulator
+        clients = list(range(self.data.num_clients))
+        mine = [c for c in clients if c % sim.world_size == sim.rank]
+        message = sim.reducer.broadcast(sim.round)
+        seed0 = int(getattr(self, "experiment_seed", 0) or 0)
+        for cid in mine:
+            state = sim.load_client(cid)
+            seed = derive_seed(seed0, _POST_HOC_TAG, cid)
+            torch.manual_seed(seed ^ 0x5DEECE66D)  # LoRA dropout stream, independent of rank and order
+            indices = self.data.client_indices[cid]
+            ctx = ClientContext(client_id=cid, round=sim.round, num_samples=int(indices.numel()),
+                                class_counts=client_counts(self, cid), generator=torch.Generator().manual_seed(seed),
+                                device=sim.device, message=message, state=state)
+            self.train_personal(ctx, indices, self.stage2_epochs)
+            tensors = model_tensors(self.model)
+            persistent = {_STORE_MODEL + k: tensors[k] for k in self.personal_keys}
+            persistent.update(ctx.state)
+            sim.store.put(cid, persistent)
+        sim.store.sync(sim.fabric, clients, mine)
+        if sim.client_state_mode == "disk" and sim.world_size > 1:
+            sim.fabric.barrier()
+        return True
+
+    # -- inference -------------------------------------------------------------------------------------------
+    def predict_global(self, x: Tensor) -> Tensor:
+        """GM: l_G."""
+        return self.clip.classify(self.clip.encode(x, GLOBAL), GLOBAL)
+
+    def predict_personal(self, x: Tensor, client_id: int) -> Tensor:
+        """PM: l_G + l_P^k."""
+        l_g, l_p = self.branch_logits(x)
+        return l_g + l_p
+
+    # -- server state ----------------------------------------------------------------------------------------
+    def server_state_dict(self) -> dict[str, Any]:
+        """The shared Stage-1 optimizer's state (``share_optimizer_state``; this rank's), else nothing."""
+        if self.share_optimizer_state and self._shared_opt is not None:
+            return {"optimizer": self._shared_opt.state_dict()}
+        return {}
+
+    def load_server_state_dict(self, state: dict[str, Any]) -> None:
+        if "optimizer" in state:
+            if self._shared_opt is not None:
+                self._shared_opt.load_state_dict(state["optimizer"])
+            else:
+                self._pending_opt_state = state["optimizer"]
