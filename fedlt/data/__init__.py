@@ -5,6 +5,12 @@ from __future__ import annotations
 from fedlt.data.digits_dg import EmbeddedDigitsDG
 from fedlt.data.domain_sources import PACS, DigitsDG, MiniDomainNet, OfficeHome
 from fedlt.data.domains import DOMAIN_LAYOUTS, DomainData, DomainSource, DomainSplit, leave_one_domain_out
+from fedlt.data.equal_partition import (
+    DirichletPrior,
+    GroupedDirichlet,
+    dirichlet_prior_partition,
+    grouped_dirichlet_partition,
+)
 from fedlt.data.federated import AUGMENTATIONS, LOCAL_TEST_PROTOCOLS, STORAGE_MODES, FederatedDataset, TensorSplit
 from fedlt.data.local_test import (
     LocalTestContext,
@@ -21,12 +27,6 @@ from fedlt.data.longtail import (
     class_groups,
     longtail_counts,
     longtail_indices,
-)
-from fedlt.data.equal_partition import (
-    DirichletPrior,
-    GroupedDirichlet,
-    dirichlet_prior_partition,
-    grouped_dirichlet_partition,
 )
 from fedlt.data.lt_sources import ImageNetLT, PlacesLT
 from fedlt.data.partition import (

@@ -23,7 +23,15 @@ from PIL import Image
 from torch import Tensor
 
 from fedlt.data.domains import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VAL, DomainData, DomainSource
-from fedlt.data.sources import SOURCES, DatasetNotFoundError, default_cache_dir, read_cache, write_cache
+from fedlt.data.sources import (
+    SOURCES,
+    DatasetNotFoundError,
+    dataset_not_found,
+    default_cache_dir,
+    read_cache,
+    read_split_file,
+    write_cache,
+)
 from fedlt.data.transforms import ImageAugment
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PACS", "DigitsDG", "MiniDomainNet", "OfficeHome"]
@@ -64,19 +72,6 @@ def _subfolders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _read_split_file(path: Path) -> list[tuple[str, int]]:
-    """(relative path, label) per non-empty line ``<path> <label>`` of a split file."""
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        parts = line.strip().rsplit(maxsplit=1)
-        if not parts:
-            continue
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{path}:{n}: expected '<relative path> <integer label>', got {line!r}")
-        out.append((parts[0].replace("\\", "/").lstrip("./"), int(parts[1])))
-    return out
-
-
 class _FolderDomainSource(DomainSource):
     """Shared folder scanning, split files, decoding, caching and missing-data errors of the folder datasets.
 
@@ -104,11 +99,7 @@ class _FolderDomainSource(DomainSource):
     # ----------------------------------------------------------------------------------------------- errors
     def _missing(self, root: Path, what: str) -> DatasetNotFoundError:
         tree = self.layout.strip("\n").replace("{root}", str(root))
-        return DatasetNotFoundError(
-            f"{self.name} dataset not found or incomplete: {what}.\n"
-            f"Expected layout (root={self.root!r}):\n{tree}\n"
-            f"To get it: {self.download}"
-        )
+        return dataset_not_found(self.name, what, f"root={self.root!r}", tree, self.download)
 
     # ----------------------------------------------------------------------------------------------- folders
     def _root_dir(self) -> Path:
@@ -309,7 +300,8 @@ class PACS(_FolderDomainSource):
             raise self._missing(root, f"the split files {', '.join(lack)} are missing in {root / 'splits'} (the "
                                       "others exist; keep all or none)")
         prefix = "kfold/" if images[0].rel.startswith("kfold/") else ""  # split files are relative to kfold/
-        listed = {k: {prefix + rel for d in self.domains for rel, _ in _read_split_file(files[d, k])} for k in kinds}
+        listed = {k: {prefix + rel for d in self.domains for rel, _ in read_split_file(files[d, k], lstrip_dots=True)}
+                  for k in kinds}
         self._check_listed(root, sorted(set().union(*listed.values())), {im.rel for im in images})
 
         def split(rel: str) -> int:  # an image in the train and test lists (the test lists hold whole domains)
@@ -413,7 +405,7 @@ class MiniDomainNet(_FolderDomainSource):
                 path = root / "splits_mini" / f"{domain}_{kind}.txt"
                 if not path.is_file():
                     raise self._missing(root, f"the split file {path} does not exist")
-                for rel, label in _read_split_file(path):
+                for rel, label in read_split_file(path, lstrip_dots=True):
                     seen.setdefault(rel, _Image(rel, label, d, split))  # train listed first wins over test
         self._check_listed(root, seen)
         class_names = self._class_names(root, {(im.label, im.rel.split("/")[-2]) for im in seen.values()})

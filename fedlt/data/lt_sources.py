@@ -32,7 +32,15 @@ from PIL import Image
 from torch import Tensor
 
 from fedlt.data.domain_sources import IMAGENET_MEAN, IMAGENET_STD
-from fedlt.data.sources import SOURCES, DatasetNotFoundError, DataSource, SourceData, default_cache_dir
+from fedlt.data.sources import (
+    SOURCES,
+    DatasetNotFoundError,
+    DataSource,
+    SourceData,
+    dataset_not_found,
+    default_cache_dir,
+    read_split_file,
+)
 from fedlt.data.transforms import ImageAugment
 
 __all__ = ["ImageNetLT", "PlacesLT", "decode_center_crop", "read_split_file"]
@@ -79,23 +87,6 @@ def decode_center_crop(path: str, size: int) -> np.ndarray:
         raise OSError(f"cannot decode image {path}: {err}") from err
 
 
-def read_split_file(path: Path) -> list[tuple[str, int]]:
-    """(relative path, label) per non-empty line ``<relative path> <integer label>`` of a split file.
-
-    Raises:
-        ValueError: a line is not ``<path> <integer>``.
-    """
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        parts = line.strip().rsplit(maxsplit=1)
-        if not parts:
-            continue
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise ValueError(f"{path}:{n}: expected '<relative path> <integer label>', got {line!r}")
-        out.append((parts[0].replace("\\", "/").removeprefix("./"), int(parts[1])))
-    return out
-
-
 class _SplitFileLTSource(DataSource):
     """Shared split-file reading, memory-mapped decoding cache and missing-data errors of ImageNet-LT / Places-LT.
 
@@ -140,11 +131,8 @@ class _SplitFileLTSource(DataSource):
     def _missing(self, what: str) -> DatasetNotFoundError:
         root, image_root = self._paths()
         tree = self.layout.strip("\n").replace("{root}", str(root)).replace("{image_root}", str(image_root))
-        return DatasetNotFoundError(
-            f"{self.name} dataset not found or incomplete: {what}.\n"
-            f"Expected layout (root={self.root!r}, image_root={self.image_root!r}):\n{tree}\n"
-            f"To get it: {self.download}"
-        )
+        return dataset_not_found(self.name, what, f"root={self.root!r}, image_root={self.image_root!r}", tree,
+                                 self.download)
 
     def _split_file(self, kind: str) -> Path:
         root, _ = self._paths()

@@ -142,19 +142,10 @@ def dirichlet_split(
 ) -> PartitionResult:
     """``dirichlet_partition`` plus the proportions p_{k,c} of the successful try (after cap and renormalisation).
 
-    Args:
-        labels: training labels, shape (N,).
-        num_clients: number of clients K.
-        alpha: Dirichlet concentration (small = more skew).
-        seed: seed of the single ``np.random.default_rng`` stream used by all tries.
-        min_size: every client must end with at least this many samples (NIID-Bench m_min).
-        max_tries: whole-procedure retries before giving up.
+    Takes the arguments and raises the errors of :func:`dirichlet_partition`.
 
     Returns:
         The per-client indices and ``proportions`` (C, K).
-
-    Raises:
-        PartitionError: invalid arguments, or no draw met ``min_size`` within ``max_tries``.
     """
     labels = _validate(labels, num_clients, alpha)
     n = labels.shape[0]
@@ -259,7 +250,7 @@ class Partitioner:
     Subclasses override ``_split`` (indices only) or ``_partition`` (a ``PartitionResult`` carrying what the draw
     used). ``records_proportions`` marks partitioners whose result holds the per-class proportions p_{k,c} (needed
     by the T-B ``same_share`` local test protocol); ``pools_test_set`` marks partitioners that split the train and
-    test sets together (P-E) through ``split_pooled`` instead.
+    test sets together (P-E) through ``split_pooled`` instead (they override ``_partition_pooled``).
     """
 
     name: str = "partitioner"
@@ -312,15 +303,20 @@ class Partitioner:
             source_superclasses: the source's superclass of each class (C,), or None.
 
         Returns:
-            Train ``indices`` and local ``test_indices``.
+            Train ``indices`` and local ``test_indices`` (and the number of ``unassigned`` pool items).
 
         Raises:
             PartitionError: this partitioner splits the training set only.
         """
-        raise PartitionError(f"partition {self.name} splits the training set only; it cannot pool the test set")
+        return self._partition_pooled(train_labels, test_labels, num_clients, seed, num_classes, source_superclasses)
 
     def _partition(self, labels: np.ndarray, num_clients: int, seed: int) -> PartitionResult:
         return PartitionResult(self._split(labels, num_clients, seed))
+
+    def _partition_pooled(self, train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, seed: int,
+                          num_classes: int, source_superclasses: np.ndarray | None) -> PartitionResult:
+        # Partitioners with ``pools_test_set`` override this (``split_pooled`` documents the arguments).
+        raise PartitionError(f"partition {self.name} splits the training set only; it cannot pool the test set")
 
     def _split(self, labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
         # Subclasses override; the base is the trivial IID split so it is a usable object on its own.

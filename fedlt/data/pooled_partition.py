@@ -52,11 +52,7 @@ def dirichlet_no_cap_partition(labels: np.ndarray, num_clients: int, alpha: floa
 def dirichlet_no_cap_split(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> PartitionResult:
     """``dirichlet_no_cap_partition`` plus the proportions p_{k,c} it used, (C, K).
 
-    Args:
-        labels: training labels, shape (N,).
-        num_clients: number of clients K.
-        alpha: Dirichlet concentration (small = more skew).
-        seed: seed of the ``np.random.default_rng`` stream.
+    Takes the arguments of :func:`dirichlet_no_cap_partition`.
 
     Returns:
         The per-client indices and ``proportions`` (C, K).
@@ -262,28 +258,10 @@ class HierarchicalPooled(Partitioner):
                                  f"class), got {out.shape[0] if out.ndim == 1 else out.shape}")
         return out
 
-    def split_pooled(
-        self,
-        train_labels: np.ndarray,
-        test_labels: np.ndarray,
-        num_clients: int,
-        seed: int,
-        num_classes: int,
-        source_superclasses: np.ndarray | None = None,
-    ) -> PartitionResult:
-        """Splits the pool train + test over clients.
-
-        Args:
-            train_labels: (long-tailed) training labels (N_train,).
-            test_labels: test labels (N_test,).
-            num_clients: number of clients K.
-            seed: seed of the split.
-            num_classes: number of classes C.
-            source_superclasses: the source's superclass of each class, or None (see ``resolve_superclasses``).
-
-        Returns:
-            Train ``indices``, local ``test_indices`` and the number of ``unassigned`` pool items (< K).
-        """
+    def _partition_pooled(self, train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, seed: int,
+                          num_classes: int, source_superclasses: np.ndarray | None) -> PartitionResult:
+        # ``source_superclasses`` or the ``superclasses`` argument (``resolve_superclasses``); the result also counts
+        # the ``unassigned`` pool items (< K).
         superclasses = self.resolve_superclasses(source_superclasses, num_classes)
         return hierarchical_pooled_partition(train_labels, test_labels, num_clients, superclasses, self.beta,
                                              self.fine_concentration, seed)

@@ -71,6 +71,44 @@ class DatasetNotFoundError(FileNotFoundError):
         return str(self.args[0]) if self.args else ""
 
 
+def dataset_not_found(name: str, what: str, settings: str, layout: str, download: str) -> DatasetNotFoundError:
+    """The error of a missing or incomplete dataset folder: what is missing, the expected layout, where to get it.
+
+    Args:
+        name: the source's name.
+        what: what is missing (a sentence fragment naming the path).
+        settings: the source's folder arguments as shown next to the layout (``root='data/PACS'``).
+        layout: the expected folder tree.
+        download: where to get the data.
+    """
+    return DatasetNotFoundError(
+        f"{name} dataset not found or incomplete: {what}.\n"
+        f"Expected layout ({settings}):\n{layout}\n"
+        f"To get it: {download}"
+    )
+
+
+def read_split_file(path: Path, lstrip_dots: bool = False) -> list[tuple[str, int]]:
+    """(relative path, label) per non-empty line ``<relative path> <integer label>`` of a split file.
+
+    Backslashes in the path become ``/`` and a leading ``./`` is dropped; with ``lstrip_dots`` every leading ``.``
+    and ``/`` is (the folder-backed domain datasets' rule, which also drops ``../`` and ``/``).
+
+    Raises:
+        ValueError: a line is not ``<path> <integer>``.
+    """
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.strip().rsplit(maxsplit=1)
+        if not parts:
+            continue
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ValueError(f"{path}:{n}: expected '<relative path> <integer label>', got {line!r}")
+        rel = parts[0].replace("\\", "/")
+        out.append((rel.lstrip("./") if lstrip_dots else rel.removeprefix("./"), int(parts[1])))
+    return out
+
+
 def default_cache_dir() -> Path:
     """``$FEDLT_CACHE`` if set, else ``~/.cache/fedlt`` (read at call time so tests can redirect it)."""
     return Path(os.environ.get("FEDLT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fedlt")))

@@ -6,7 +6,8 @@ zero-shot logits ``z = 100 * cos(CLIP_img(x), CLIP_text("a photo of a {class}"))
 
 The teacher is a :class:`fedlt.models.clip.ClipModel` without PEFT, built by the method in ``setup`` and held
 *outside* the workspace model: it is never aggregated, stored per client or checkpointed (it is rebuilt, identical,
-by every rank and on resume).
+by every rank and on resume). :class:`ClipKDClient` holds what both methods share: the teacher's arguments, its
+construction in ``setup`` and the client's ``CE + mu * KD`` training step.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedlt.models.clip import CLIP_MEAN, CLIP_STD, ClipModel
+from fedlt.types import ClientContext, StepOutput
 
 CLIP2FL_TEMPLATE = "a photo of a {}"
 """The teacher prompt of CLIP2FL's code (no final period)."""
@@ -121,3 +123,53 @@ def teacher_logits(teacher: ClipModel, x: Tensor, stats: tuple[Sequence[float], 
     """
     feats = teacher.encode(to_clip_input(x, stats), None)
     return scale * feats.float() @ teacher.zs_text.float().t()
+
+
+class ClipKDClient:
+    """Mixin of the methods whose clients distil the frozen CLIP teacher into their backbone (CLIP2FL, FedSM).
+
+    It stores the teacher's arguments (``_init_clip_kd``), builds the teacher and records the batches' normalisation
+    in ``setup`` (``_setup_teacher``) and provides the clients' ``training_step``. List it before the
+    :class:`~fedlt.methods.base.FedMethod` base class, so that its ``training_step`` is the one used.
+    """
+
+    model: nn.Module
+    loss: Any
+    teacher: ClipModel | None
+    norm_stats: tuple[tuple[float, ...], tuple[float, ...]] | None
+
+    def _init_clip_kd(self, kd_weight: float, kd_temperature: float, teacher_scale: float, clip_model: str,
+                      clip_pretrained: bool, clip_tag: str | None, clip_checkpoint: str | None,
+                      clip_template: str) -> None:
+        """Stores the distillation and teacher arguments (documented by the method classes)."""
+        self.kd_weight, self.kd_temperature, self.teacher_scale = kd_weight, kd_temperature, teacher_scale
+        self.clip_model, self.clip_pretrained, self.clip_tag = clip_model, clip_pretrained, clip_tag
+        self.clip_checkpoint, self.clip_template = clip_checkpoint, clip_template
+
+    def _setup_teacher(self, model: nn.Module, data: Any, build: bool = True) -> list[str]:
+        """Sets ``teacher`` (None unless ``build``) on the model's device and ``norm_stats``; returns the class names.
+
+        The teacher is a plain attribute of the method, never a submodule of the workspace model, so it is never
+        aggregated or stored.
+        """
+        names = list(getattr(data, "class_names", None) or [str(c) for c in range(data.num_classes)])
+        self.teacher = None
+        if build:
+            device = next(iter(model.parameters())).device
+            self.teacher = build_clip_teacher(names, getattr(data, "source_name", None), self.clip_model,
+                                              self.clip_pretrained, self.clip_tag, self.clip_checkpoint, device,
+                                              templates=(self.clip_template,))
+        self.norm_stats = data_normalization(data)
+        return names
+
+    def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
+        """CE + mu_KD tau^2 KL(teacher || student); the CE alone, without a teacher forward, when ``kd_weight`` is 0."""
+        x, y = batch[0], batch[1]
+        logits = self.model(x)
+        ce = self.loss(logits, y, ctx.class_counts, ctx.round)
+        if not self.kd_weight:
+            return StepOutput(loss=ce, parts={"loss": ce.detach(), "ce": ce.detach()})
+        kd = clip_kd_loss(logits, teacher_logits(self.teacher, x, self.norm_stats, self.teacher_scale),
+                          self.kd_temperature)
+        loss = ce + self.kd_weight * kd
+        return StepOutput(loss=loss, parts={"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach()})

@@ -62,17 +62,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlt.methods._clip_kd import (
-    CLIP2FL_TEMPLATE,
-    build_clip_teacher,
-    clip_kd_loss,
-    data_normalization,
-    teacher_logits,
-)
+from fedlt.methods._clip_kd import CLIP2FL_TEMPLATE, ClipKDClient
 from fedlt.methods._lt_common import seeded_generator
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.creff import CReFF, CReFFReducer, gradient_match_distance, synthetic_class_gradients
-from fedlt.types import ClientContext, PaperRef, StepOutput
+from fedlt.types import PaperRef
 
 if TYPE_CHECKING:
     from fedlt.engine.local_loop import LocalTrainer
@@ -136,7 +130,7 @@ class CLIP2FLReducer(CReFFReducer):
 
 
 @METHODS.register("clip2fl")
-class CLIP2FL(CReFF):
+class CLIP2FL(ClipKDClient, CReFF):
     """CReFF + CLIP knowledge distillation on the clients + CLIP text-prototype contrast on the server.
 
     Args:
@@ -172,27 +166,15 @@ class CLIP2FL(CReFF):
             raise ValueError("kd_temperature and contrast_temperature must be > 0")
         if text_projection not in TEXT_PROJECTIONS:
             raise ValueError(f"unknown text_projection {text_projection!r}; valid: {', '.join(TEXT_PROJECTIONS)}")
-        self.kd_weight = kd_weight
-        self.kd_temperature = kd_temperature
+        self._init_clip_kd(kd_weight, kd_temperature, teacher_scale, clip_model, clip_pretrained, clip_tag,
+                           clip_checkpoint, clip_template)
         self.contrast_weight = contrast_weight
         self.contrast_temperature = contrast_temperature
-        self.teacher_scale = teacher_scale
-        self.clip_model = clip_model
-        self.clip_pretrained = clip_pretrained
-        self.clip_tag = clip_tag
-        self.clip_checkpoint = clip_checkpoint
-        self.clip_template = clip_template
         self.text_projection = text_projection
 
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
-        device = next(iter(model.parameters())).device
-        names = list(getattr(data, "class_names", None) or [str(c) for c in range(data.num_classes)])
-        # A plain attribute of the method, not a submodule of the workspace model: never aggregated or stored.
-        self.teacher = build_clip_teacher(names, getattr(data, "source_name", None), self.clip_model,
-                                          self.clip_pretrained, self.clip_tag, self.clip_checkpoint, device,
-                                          templates=(self.clip_template,))
-        self.norm_stats = data_normalization(data)
+        self._setup_teacher(model, data)
         self.text_prototypes = self._prototypes(self.teacher.zs_text.detach().float())
 
     def _prototypes(self, text: Tensor) -> Tensor:
@@ -210,14 +192,3 @@ class CLIP2FL(CReFF):
     def configure_reducer(self) -> Reducer:
         self.reducer = CLIP2FLReducer(self, self.num_classes, self.dim)
         return self.reducer
-
-    def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
-        x, y = batch[0], batch[1]
-        logits = self.model(x)
-        ce = self.loss(logits, y, ctx.class_counts, ctx.round)
-        if not self.kd_weight:
-            return StepOutput(loss=ce, parts={"loss": ce.detach(), "ce": ce.detach()})
-        z = teacher_logits(self.teacher, x, self.norm_stats, self.teacher_scale)
-        kd = clip_kd_loss(logits, z, self.kd_temperature)
-        loss = ce + self.kd_weight * kd
-        return StepOutput(loss=loss, parts={"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach()})

@@ -85,6 +85,25 @@ def linear_init(num_classes: int, dim: int, generator: torch.Generator) -> tuple
     return w, b
 
 
+@torch.no_grad()
+def train_linear_head(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, lr: float, epochs: int,
+                      batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Mini-batch SGD (no momentum, reshuffled every epoch) on the mean CE of ``features @ W.T + b``; returns the new
+    (W, b) and leaves the inputs untouched.
+
+    Uses the closed-form gradient of a linear layer's mean CE: the same steps as autograd + SGD, without the per-step
+    autograd overhead (CReFF re-trains with ~10^4 tiny steps per round).
+    """
+    w, b = weight.clone().float(), bias.clone().float()
+    n = int(labels.numel())
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=generator).to(features.device).split(batch_size):
+            gw, gb = classifier_grad(features[idx], labels[idx], w, b)
+            w.sub_(gw, alpha=lr)
+            b.sub_(gb, alpha=lr)
+    return w, b
+
+
 class CReFFReducer(Reducer):
     """FedAvg, then federated-feature gradient matching and classifier re-training (server state)."""
 
@@ -133,16 +152,8 @@ class CReFFReducer(Reducer):
         gen = seeded_generator(m.seed_value, _CRT_TAG, round)
         w0, b0 = linear_init(self.num_classes, self.dim, gen)
         device = self.features.device
-        w, b = w0.to(device), b0.to(device)
-        n = int(self.labels.numel())
-        # Plain SGD on the mean CE of a linear layer, with the closed-form gradient (same steps as autograd + SGD,
-        # without the per-step autograd overhead of ~10^4 tiny steps per round).
-        for _ in range(m.crt_epoch):
-            for idx in torch.randperm(n, generator=gen).to(device).split(m.crt_batch_size):
-                gw, gb = classifier_grad(self.features[idx], self.labels[idx], w, b)
-                w.sub_(gw, alpha=m.lr_net)
-                b.sub_(gb, alpha=m.lr_net)
-        self.head_w, self.head_b = w, b
+        self.head_w, self.head_b = train_linear_head(self.features, self.labels, w0.to(device), b0.to(device),
+                                                     m.lr_net, m.crt_epoch, m.crt_batch_size, gen)
 
     def server_step(self, round: int) -> None:
         if float(self.weight_sum.item()) <= 0:

@@ -76,19 +76,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlt.engine.collectives import all_reduce_sum_
-from fedlt.methods._clip_kd import (
-    CLIP2FL_TEMPLATE,
-    build_clip_teacher,
-    clip_kd_loss,
-    data_normalization,
-    teacher_logits,
-)
-from fedlt.methods._lt_common import classifier_grad, experiment_seed, load_global_into_workspace, seeded_generator
+from fedlt.methods._clip_kd import CLIP2FL_TEMPLATE, ClipKDClient
+from fedlt.methods._lt_common import experiment_seed, load_global_into_workspace, seeded_generator
 from fedlt.methods._relevance import DIAGONALS, SELECTION_RULES, check_encoder, class_relevance, draw_sources
 from fedlt.methods.base import METHODS, Reducer
-from fedlt.methods.creff import linear_init
+from fedlt.methods.creff import linear_init, train_linear_head
 from fedlt.methods.fedavg import FedAvg
-from fedlt.types import ClientContext, ClientUpdate, PaperRef, StepOutput
+from fedlt.types import ClientContext, ClientUpdate, PaperRef
 
 if TYPE_CHECKING:
     from fedlt.engine.local_loop import LocalTrainer
@@ -148,21 +142,6 @@ def mix_features(prototypes: Tensor, features: Tensor, sources: Tensor, classes:
     labels = classes.to(features.device).repeat_interleave(sources.shape[1])
     mixed = lam * prototypes.to(features.dtype)[labels] + (1.0 - lam) * local
     return mixed, labels, lam.squeeze(1)
-
-
-@torch.no_grad()
-def train_linear_head(features: Tensor, labels: Tensor, weight: Tensor, bias: Tensor, lr: float, epochs: int,
-                      batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Mini-batch SGD (no momentum, reshuffled every epoch) on the mean CE of ``features @ W.T + b``; returns the new
-    (W, b) and leaves the inputs untouched."""
-    w, b = weight.clone().float(), bias.clone().float()
-    n = int(labels.numel())
-    for _ in range(epochs):
-        for idx in torch.randperm(n, generator=generator).to(features.device).split(batch_size):
-            gw, gb = classifier_grad(features[idx], labels[idx], w, b)
-            w.sub_(gw, alpha=lr)
-            b.sub_(gb, alpha=lr)
-    return w, b
 
 
 # -- server half ------------------------------------------------------------------------------------------------------
@@ -279,7 +258,7 @@ def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
 
 
 @METHODS.register("fedsm")
-class FedSM(FedAvg):
+class FedSM(ClipKDClient, FedAvg):
     """FedAvg + CLIP distillation; in the last rounds, heads re-trained on semantics-guided mixed features.
 
     Args:
@@ -351,9 +330,8 @@ class FedSM(FedAvg):
             raise ValueError("features_per_class and the batch sizes must be >= 1, retrain_epochs >= 0")
         if crt_rounds is not None and crt_rounds < 0:
             raise ValueError("crt_rounds must be >= 0 or None")
-        self.kd_weight, self.kd_temperature, self.teacher_scale = kd_weight, kd_temperature, teacher_scale
-        self.clip_model, self.clip_pretrained, self.clip_tag = clip_model, clip_pretrained, clip_tag
-        self.clip_checkpoint, self.clip_template = clip_checkpoint, clip_template
+        self._init_clip_kd(kd_weight, kd_temperature, teacher_scale, clip_model, clip_pretrained, clip_tag,
+                           clip_checkpoint, clip_template)
         self.relevance_encoder, self.relevance_template = relevance_encoder, relevance_template
         self.relevance_diagonal = relevance_diagonal
         self.crt_rounds, self.prototype_clients = crt_rounds, prototype_clients
@@ -374,14 +352,7 @@ class FedSM(FedAvg):
                 isinstance(head, nn.Linear) and head.bias is not None):
             raise ValueError("FedSM's retrain_init 'received' and retrained_head_use 'replace' need a model whose "
                              f"head is an nn.Linear with bias; got {type(head).__name__}")
-        names = list(getattr(data, "class_names", None) or [str(c) for c in range(data.num_classes)])
-        self.teacher = None  # a plain attribute of the method: never a submodule of the workspace model
-        if self.kd_weight > 0 or self.relevance_encoder == "clip":
-            device = next(iter(model.parameters())).device
-            self.teacher = build_clip_teacher(names, getattr(data, "source_name", None), self.clip_model,
-                                              self.clip_pretrained, self.clip_tag, self.clip_checkpoint, device,
-                                              templates=(self.clip_template,))
-        self.norm_stats = data_normalization(data)
+        names = self._setup_teacher(model, data, build=self.kd_weight > 0 or self.relevance_encoder == "clip")
         self.relevance = class_relevance(self.relevance_encoder, names, self.teacher, self.relevance_template,
                                          self.relevance_diagonal)
 
@@ -393,19 +364,7 @@ class FedSM(FedAvg):
         """Whether the classifier is re-trained after round ``round`` (1-based): r >= R - crt_rounds (code*)."""
         return self.crt_rounds is not None and round >= getattr(self, "total_rounds", 0) - self.crt_rounds
 
-    # -- local training ------------------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
-        """CE + mu_KD tau^2 KL(teacher || student)."""
-        x, y = batch[0], batch[1]
-        logits = self.model(x)
-        ce = self.loss(logits, y, ctx.class_counts, ctx.round)
-        if not self.kd_weight:
-            return StepOutput(loss=ce, parts={"loss": ce.detach(), "ce": ce.detach()})
-        kd = clip_kd_loss(logits, teacher_logits(self.teacher, x, self.norm_stats, self.teacher_scale),
-                          self.kd_temperature)
-        loss = ce + self.kd_weight * kd
-        return StepOutput(loss=loss, parts={"loss": loss.detach(), "ce": ce.detach(), "kd": kd.detach()})
-
+    # -- local training (the CE + KD step is ClipKDClient's) --------------------------------------------------------
     def on_client_end(self, ctx: ClientContext) -> ClientUpdate:
         """FedAvg's upload plus the client's one-hot cohort flag (every rank learns the round's cohort)."""
         flag = torch.zeros(self.data.num_clients, device=ctx.device)

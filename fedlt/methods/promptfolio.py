@@ -21,8 +21,9 @@ clients' data sizes).
 Inference: PM (client k) = the portfolio with k's local prompt -- the model the paper evaluates on each client's
 test data; GM = the global prompt alone (``logit_scale * f @ t_g^T``), reported for FedPuReL's GM tables.
 Hyperparameters (paper symbol): ``theta`` (theta, the mixing coefficient; default 0.4 = the official code's
-argparse default and README example ``--frac_p 0.4``; the paper's own choice was not verified against the PDF), ``lr`` 1e-3 (the code's default), ``momentum`` 0.9 and ``weight_decay`` 5e-4 (Dassl SGD, as
-for PromptFL), ``batch_size`` 32 (FedPuReL's protocol; the code's default is 16), ``local_epochs`` 1.
+argparse default and README example ``--frac_p 0.4``; the paper's own choice was not verified against the PDF),
+``lr`` 1e-3 (the code's default), ``momentum`` 0.9 and ``weight_decay`` 5e-4 (Dassl SGD, as for PromptFL),
+``batch_size`` 32 (FedPuReL's protocol; the code's default is 16), ``local_epochs`` 1.
 The context length is the model's ``n_ctx`` (code default 8, FedPuReL 4).
 Deviations / choices: fp32 master weights instead of the code's fp16 CLIP; a fresh optimizer per client and round
 (the code reuses one Dassl optimizer, leaking momentum between clients); only prompt PEFT is supported (the
