@@ -175,6 +175,30 @@ def _offline_unless_hub_reachable(check: bool, timeout: float = 3.0) -> Iterator
         constants.HF_HUB_OFFLINE = previous
 
 
+def _check_args(peft: str, head: str, head_init: str, n_ctx: int, lora_rank: int, adapter_reduction: int,
+                lora_targets: Sequence[str]) -> None:
+    """Validates :class:`ClipModel`'s choices with messages naming the valid values."""
+    if peft not in PEFT_KINDS:
+        raise ValueError(f"unknown peft {peft!r}; valid: {', '.join(PEFT_KINDS)}")
+    if head not in HEAD_KINDS:
+        raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEAD_KINDS)}")
+    if head_init not in ("zeroshot", "random"):
+        raise ValueError(f"unknown head_init {head_init!r}; valid: zeroshot, random")
+    if n_ctx < 1 or lora_rank < 1 or adapter_reduction < 1:
+        raise ValueError("n_ctx, lora_rank and adapter_reduction must be >= 1")
+    if set(lora_targets) - {"q", "k", "v"} or not lora_targets:
+        raise ValueError(f"lora_targets must be a non-empty subset of q, k, v; got {list(lora_targets)}")
+
+
+def _templates(templates: Sequence[str] | None, dataset: str | None) -> tuple[str, ...]:
+    """The zero-shot templates: ``templates``, else the dataset's (:data:`TEMPLATES`), else the default."""
+    chosen = tuple(templates) if templates else TEMPLATES.get((dataset or "").lower(), (DEFAULT_TEMPLATE,))
+    for t in chosen:
+        if t.count("{}") != 1:
+            raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
+    return chosen
+
+
 class _PeftBranch(nn.Module):
     """The trainable tensors of one branch (prompt context, LoRA factors, adapter), built by :class:`ClipModel`."""
 
@@ -226,7 +250,7 @@ class _LoRAAttention(nn.Module):
         qkv = F.linear(x, base.in_proj_weight, base.in_proj_bias)
         xd = owner.lora_dropout(x)
         deltas = []
-        for i, t in enumerate(("q", "k", "v")):
+        for t in ("q", "k", "v"):
             a = lora.get(f"l{self.layer}_{t}_A")
             if a is None:
                 deltas.append(None)
@@ -305,17 +329,7 @@ class ClipModel(FedModel):
         image_size: int = 224,
     ) -> None:
         super().__init__()
-        if peft not in PEFT_KINDS:
-            raise ValueError(f"unknown peft {peft!r}; valid: {', '.join(PEFT_KINDS)}")
-        if head not in HEAD_KINDS:
-            raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEAD_KINDS)}")
-        if head_init not in ("zeroshot", "random"):
-            raise ValueError(f"unknown head_init {head_init!r}; valid: zeroshot, random")
-        if n_ctx < 1 or lora_rank < 1 or adapter_reduction < 1:
-            raise ValueError("n_ctx, lora_rank and adapter_reduction must be >= 1")
-        bad = set(lora_targets) - {"q", "k", "v"}
-        if bad or not lora_targets:
-            raise ValueError(f"lora_targets must be a non-empty subset of q, k, v; got {list(lora_targets)}")
+        _check_args(peft, head, head_init, n_ctx, lora_rank, adapter_reduction, lora_targets)
         names = [str(c) for c in (class_names if class_names else range(num_classes))]
         if len(names) != num_classes:
             raise ValueError(f"{len(names)} class names for {num_classes} classes")
@@ -330,11 +344,7 @@ class ClipModel(FedModel):
         self.clip.requires_grad_(False)
         self.clip.eval()
         self.tokenizer = open_clip.get_tokenizer(model_name) if not model_name.startswith("local-dir:") else None
-        self.templates = tuple(templates) if templates else TEMPLATES.get((dataset or "").lower(),
-                                                                          (DEFAULT_TEMPLATE,))
-        for t in self.templates:
-            if t.count("{}") != 1:
-                raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
+        self.templates = _templates(templates, dataset)
         visual = self.clip.visual
         size = getattr(visual, "image_size", 224)
         self.input_size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -365,14 +375,17 @@ class ClipModel(FedModel):
         self._vision_width = int(resblocks[0].attn.base.embed_dim) if peft == "lora" else 0
         self.peft = nn.ModuleDict()
         self.add_branch("global")
-        if head == "linear":
-            self.head = nn.Linear(self.num_features, num_classes)
-            if head_init == "zeroshot":
-                with torch.no_grad():
-                    self.head.weight.copy_(self.zs_text * self.clip.logit_scale.exp())
-                    self.head.bias.zero_()
-        else:
-            self.head = _TextHead(self)
+        self.head = self._build_head(head, head_init)
+
+    def _build_head(self, head: str, head_init: str) -> nn.Module:
+        if head == "text":
+            return _TextHead(self)
+        linear = nn.Linear(self.num_features, self.num_classes)
+        if head_init == "zeroshot":
+            with torch.no_grad():
+                linear.weight.copy_(self.zs_text * self.clip.logit_scale.exp())
+                linear.bias.zero_()
+        return linear
 
     # -- branches ------------------------------------------------------------------------------------------
     @property
