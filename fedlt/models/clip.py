@@ -25,7 +25,9 @@ Weights: ``pretrained: true`` with ``tag`` (an open_clip pretrained tag such as 
 ``open_clip.list_pretrained()``) downloads through open_clip's Hugging Face cache; ``checkpoint_path`` loads a
 local file (clusters without internet). A missing download fails at once with :class:`ClipWeightsUnavailable`
 (the CLI turns it into exit status 2). ``clip:fedlt-tiny-clip`` is a tiny random-weight configuration shipped with
-fedlt for tests and offline runs (2-layer towers, 32-d embedding, 32 px input).
+fedlt for tests and offline runs (2-layer towers, 32-d embedding, 32 px input); its pretrained tag ``fedlt-digits``
+(:mod:`fedlt.models.tiny_clip`) is a contrastive pretraining on the embedded digits' training images, built once
+(about 30 s on a CPU) and cached, so the offline configs have a zero-shot teacher that knows something.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ def create_open_clip(model_name: str, pretrained: bool = False, tag: str | None 
     Args:
         model_name: open_clip model name (``open_clip.list_models()``), e.g. ``ViT-B-16``.
         pretrained: load the weights named by ``tag``.
-        tag: open_clip pretrained tag (``open_clip.list_pretrained_tags_by_model(model_name)``).
+        tag: open_clip pretrained tag (``open_clip.list_pretrained_tags_by_model(model_name)``); for
+            ``fedlt-tiny-clip`` also ``fedlt-digits``, fedlt's offline digits pretraining (``fedlt.models.tiny_clip``).
         checkpoint_path: a local checkpoint file (overrides ``tag``; implies pretrained weights).
 
     Raises:
@@ -108,6 +111,8 @@ def create_open_clip(model_name: str, pretrained: bool = False, tag: str | None 
         ClipWeightsUnavailable: the weights could not be downloaded or read.
     """
     import open_clip
+
+    from fedlt.models.tiny_clip import DIGITS_TAG, TINY_CLIP, digits_checkpoint
 
     register_fedlt_configs()
     if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
@@ -120,8 +125,12 @@ def create_open_clip(model_name: str, pretrained: bool = False, tag: str | None 
             raise ClipWeightsUnavailable(model_name, str(checkpoint_path),
                                          FileNotFoundError(f"no such file: {checkpoint_path}"))
         weights = str(checkpoint_path)
+    elif pretrained and (model_name, tag) == (TINY_CLIP, DIGITS_TAG):
+        checkpoint_path = digits_checkpoint(model_name)  # fedlt's offline pretraining: built once, then cached
+        weights = str(checkpoint_path)
     elif pretrained:
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        tags = [*open_clip.list_pretrained_tags_by_model(model_name),
+                *([DIGITS_TAG] if model_name == TINY_CLIP else [])]
         if tag not in tags:
             raise UnknownNameError(f"open_clip model {model_name!r} has no pretrained weights {tag!r}; "
                                    f"valid tags: {', '.join(tags) or 'none'}")
