@@ -50,12 +50,17 @@ def test_readme_methods_table_is_generated_from_the_registry():
 
 def test_paper_configs_cover_the_tables_and_name_their_target():
     """Issue 4: FedLoGe CIFAR-10/100-LT (alpha 0.5/1, IF 50/100) and RedGrape MNIST/CIFAR-10/CIFAR-100-LT
-    (IF 10/50/100, full and partial participation); every header names its table and the number to reproduce."""
+    (IF 10/50/100, full and partial participation); issue 6: FedPuReL ImageNet-LT, Places-LT and the CIFAR-100-LT
+    alpha sweep, FedSM CIFAR-10/100-LT (IF 10/50/100) and ImageNet-LT; every header names its table and the number to
+    reproduce."""
     names = {p.stem for p in PAPER_CONFIGS}
     fedloge = {f"fedloge_{d}_lt_a{a}_if{i}" for d in ("cifar10", "cifar100") for a in ("05", "10") for i in (50, 100)}
     redgrape = {f"redgrape_{d}_lt_if{i}_{p}" for d in ("mnist", "cifar10", "cifar100") for i in (10, 50, 100)
                 for p in ("full", "partial")}
-    assert fedloge | redgrape <= names
+    fedpurel = {f"fedpurel_cifar100_lt_a{a}" for a in ("01", "05", "10", "50")} | {"fedpurel_imagenet_lt",
+                                                                                  "fedpurel_places_lt"}
+    fedsm = {f"fedsm_{d}_lt_if{i}" for d in ("cifar10", "cifar100") for i in (10, 50, 100)} | {"fedsm_imagenet_lt"}
+    assert fedloge | redgrape | fedpurel | fedsm <= names
     for path in PAPER_CONFIGS:
         header = path.read_text().split("\n", 1)[0]
         assert "Table" in header and any(ch.isdigit() for ch in header.split(":", 1)[1]), path.name
