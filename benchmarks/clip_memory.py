@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         "backbone_tensors_in_federated_state": leaked,
     }
     for k, v in result.items():
+        if isinstance(v, list) and len(v) > 4:
+            v = f"{len(v)} keys: {', '.join(v[:3])}, ..."
         print(f"{k:38s} {v}")
     if args.json:
         with open(args.json, "w") as f:
