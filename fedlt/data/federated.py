@@ -159,6 +159,12 @@ class FederatedDataset:
         self.lt_indices: np.ndarray | None = None  # indices of the LT subsample into the source's train set
 
     @property
+    def normalization_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The (mean, std) per channel that ``get_batch`` normalises with (``None``: batches are not normalised,
+        e.g. ``from_tensors`` datasets). Methods that feed another network (a CLIP teacher) undo it with these."""
+        return self._batches.stats
+
+    @property
     def host_images(self) -> bool:
         """Resolved storage: whether the images are kept on the host (set up by ``setup``)."""
         return self._batches.host_images

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlt.models.clip import CLIP_MEAN, CLIP_STD, ClipModel
+from fedlt.models.clip import CLIP_MEAN, CLIP_STD, ClipModel, cosine_logits
 from fedlt.types import ClientContext, StepOutput
 
 CLIP2FL_TEMPLATE = "a photo of a {}"
@@ -61,7 +61,7 @@ def build_clip_teacher(
                                   tag=clip_tag, checkpoint_path=clip_checkpoint, templates=templates,
                                   peft="none", head="text")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_RANDOM_TEACHER_SEED)
+        torch.random.default_generator.manual_seed(_RANDOM_TEACHER_SEED)  # CPU only: fork_rng restores it
         teacher = ClipModel(clip_model, len(class_names), **kwargs)
     teacher.requires_grad_(False)
     teacher.eval()
@@ -107,7 +107,7 @@ def data_normalization(data: Any) -> tuple[tuple[float, ...], tuple[float, ...]]
     CLIP-normalised (``normalization: clip``) or not normalised by it (tensor datasets)."""
     if getattr(data, "normalization", None) == "clip":
         return None
-    return getattr(data, "_stats", None)
+    return getattr(data, "normalization_stats", None)
 
 
 @torch.no_grad()
@@ -121,8 +121,7 @@ def teacher_logits(teacher: ClipModel, x: Tensor, stats: tuple[Sequence[float], 
         stats: the batch's normalisation (:func:`data_normalization`).
         scale: the logit scale (CLIP2FL's code: a fixed 100, CLIP's ``logit_scale.exp()`` for pretrained weights).
     """
-    feats = teacher.encode(to_clip_input(x, stats), None)
-    return scale * feats.float() @ teacher.zs_text.float().t()
+    return cosine_logits(scale, teacher.encode(to_clip_input(x, stats), None), teacher.zs_text)
 
 
 class ClipKDClient:
