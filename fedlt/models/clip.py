@@ -184,6 +184,14 @@ def _offline_unless_hub_reachable(check: bool, timeout: float = 3.0) -> Iterator
         constants.HF_HUB_OFFLINE = previous
 
 
+def cosine_logits(scale: Tensor | float, features: Tensor, text: Tensor) -> Tensor:
+    """``scale * features @ text^T`` in float32, also under autocast: CLIP logits reach 20-35 with scale ~100, where
+    bfloat16's step is 0.125-0.25, which would distort the softmax (FedPuReL's TKL and CE, KD targets)."""
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        scale = scale.float() if isinstance(scale, Tensor) else float(scale)
+        return scale * features.float() @ text.float().t()
+
+
 def _check_args(peft: str, head: str, head_init: str, n_ctx: int, lora_rank: int, adapter_reduction: int,
                 lora_targets: Sequence[str]) -> None:
     """Validates :class:`ClipModel`'s choices with messages naming the valid values."""
@@ -539,12 +547,12 @@ class ClipModel(FedModel):
         """Logits (B, C) of normalised ``features`` with ``branch``'s classifier."""
         if self.head_kind == "linear":
             return self.head(features)
-        return self.logit_scale * features @ self.text_features(branch).t()
+        return cosine_logits(self.logit_scale, features, self.text_features(branch))
 
     def zero_shot_logits(self, x: Tensor) -> Tensor:
         """Logits of the frozen zero-shot CLIP (no PEFT, zero-shot text features), without gradients."""
         with torch.no_grad():
-            return self.logit_scale * self.encode(x, None) @ self.zs_text.t()
+            return cosine_logits(self.logit_scale, self.encode(x, None), self.zs_text)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.encode(x, self._branch)
