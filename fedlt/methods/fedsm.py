@@ -292,7 +292,12 @@ class FedSM(ClipKDClient, FedAvg):
         retrain_batch_size: batch size of the re-training.
         retrained_head_use: ``eval_only`` (code: GM only) or ``replace`` (the global model's head becomes it).
         seed: seed of the server-side draws; ``None`` uses the data (experiment) seed.
-        **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
+        lr: local SGD learning rate (code*: 0.1, no momentum, no weight decay).
+        momentum: local SGD momentum (code*: 0).
+        weight_decay: local weight decay (code*: 0).
+        local_epochs: local epochs E (code*: 10).
+        batch_size: local batch size B (code*: 32).
+        **kwargs: further local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
     paper = PaperRef(
@@ -312,8 +317,10 @@ class FedSM(ClipKDClient, FedAvg):
                  mix_low: float = 0.35, mix_high: float = 0.95, mix_round: int | None = 2, normalize_local: bool = True,
                  retrain_init: str = "fresh", retrain_lr: float = 0.01, retrain_epochs: int = 60,
                  retrain_batch_size: int = 256, retrained_head_use: str = "eval_only", seed: int | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0, local_epochs: int = 10,
+                 batch_size: int = 32, **kwargs: Any) -> None:
+        super().__init__(lr=lr, momentum=momentum, weight_decay=weight_decay, local_epochs=local_epochs,
+                         batch_size=batch_size, **kwargs)
         check_encoder(relevance_encoder)
         for name, value, valid in (("relevance_diagonal", relevance_diagonal, DIAGONALS),
                                    ("prototype_clients", prototype_clients, PROTOTYPE_CLIENTS),
