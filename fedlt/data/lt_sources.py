@@ -16,11 +16,13 @@ path, the expected layout and where to get the data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
@@ -51,6 +53,22 @@ _PROGRESS_EVERY = 5000  # images between two progress lines on stderr
 
 _OLTR = ("https://github.com/zhmiao/OpenLongTailRecognition-OLTR (the Google Drive links of its README hold the "
          "split files)")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``lock_path`` for the block (POSIX ``flock``; no lock where unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent builds stay correct (atomic rename), only wasteful
+        yield
+        return
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def decode_center_crop(path: str, size: int) -> np.ndarray:
@@ -253,10 +271,16 @@ class _SplitFileLTSource(DataSource):
         seconds = 0.0
         x = self._read_cache(path, len(entries))
         if x is None:
-            start = time.perf_counter()
-            self._build(path, kind, image_root, split_file, [rel for rel, _ in entries])
-            seconds = time.perf_counter() - start
-            x = self._read_cache(path, len(entries))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # One decoder per cache file: the ranks of a run (or concurrent runs) sharing a cache directory wait
+            # for the first one instead of each decoding (ImageNet-LT's train cache is 17 GB at 224 px).
+            with _exclusive(path.with_name(path.name + ".lock")):
+                x = self._read_cache(path, len(entries))
+                if x is None:
+                    start = time.perf_counter()
+                    self._build(path, kind, image_root, split_file, [rel for rel, _ in entries])
+                    seconds = time.perf_counter() - start
+                    x = self._read_cache(path, len(entries))
             assert x is not None, f"the cache {path} just written cannot be read"
         y = torch.tensor([label for _, label in entries], dtype=torch.int64)
         return torch.from_numpy(x), y, seconds

@@ -179,7 +179,7 @@ def test_tensors_are_file_backed(tmp_path: Path) -> None:
     root = write_fake_places_lt(tmp_path / "Places_LT")
     cache = tmp_path / "cache"
     data = PlacesLT(str(root), image_size=S, cache_dir=str(cache)).load()
-    files = sorted(p.name for p in cache.iterdir())
+    files = sorted(p.name for p in cache.iterdir() if p.suffix != ".lock")  # (build locks stay, empty)
     assert len(files) == 2 and files[0].startswith(f"places_lt-test-{S}-") and files[0].endswith(".npy")
     assert files[1].startswith(f"places_lt-train-{S}-") and files[1].endswith(".npy")
     train_file, test_file = _mapped_file(data.train_x), _mapped_file(data.test_x)
@@ -282,7 +282,7 @@ def test_threads_progress_and_no_partial_cache(tmp_path: Path, monkeypatch: pyte
     bad.write_bytes(b"not an image")
     with pytest.raises(OSError, match=f"{WNIDS[2]}_101.JPEG"):
         ImageNetLT(str(root), image_size=S, cache_dir=str(tmp_path / "c"), num_workers=3).load()
-    assert [p.name for p in (tmp_path / "c").iterdir()] == []
+    assert [p.name for p in (tmp_path / "c").iterdir() if p.suffix != ".lock"] == []
 
 
 # ------------------------------------------------------------------------------------------------ missing data
@@ -403,3 +403,34 @@ def test_source_data_defaults_are_backward_compatible() -> None:
     x, y = torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64)
     data = SourceData(x, y, x, y, 1, ["a"], (0.5,), (0.5,))
     assert data.superclasses is None and data.superclass_names is None and data.file_backed is False
+
+
+def test_concurrent_loads_decode_once(tmp_path, monkeypatch) -> None:
+    """Ranks sharing a cache directory: the first decodes under a file lock, the others wait and map its file."""
+    import threading
+
+    from fedlt.data import lt_sources
+
+    root = write_fake_imagenet_lt(tmp_path / "ImageNet_LT")
+    calls = []
+    real = lt_sources.decode_center_crop
+
+    def counting(path, size):
+        calls.append(path)
+        return real(path, size)
+
+    monkeypatch.setattr(lt_sources, "decode_center_crop", counting)
+    results = []
+
+    def load():
+        results.append(ImageNetLT(str(root), image_size=S, cache_dir=str(tmp_path / "cache"), num_workers=0).load())
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3
+    assert len(calls) == len(set(calls))  # every image decoded once, not once per loader
+    for r in results[1:]:
+        assert torch.equal(r.train_x, results[0].train_x)
