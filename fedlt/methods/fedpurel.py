@@ -241,7 +241,8 @@ class FedPuReL(FedAvg):
         if PERSONAL not in clip.branches:
             # Before the engine splits the keys; seeded so that every rank builds the same phi_k initialisation.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(int(getattr(self, "experiment_seed", 0) or 0), _INIT_TAG))
+                torch.random.default_generator.manual_seed(  # CPU only: fork_rng restores it
+                    derive_seed(int(getattr(self, "experiment_seed", 0) or 0), _INIT_TAG))
                 clip.add_branch(PERSONAL)
         super().setup(model, data, trainer)
         self.clip = clip

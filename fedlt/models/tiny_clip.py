@@ -146,7 +146,7 @@ def _new_model(model_name: str, seed: int) -> nn.Module:
     from fedlt.models.clip import create_open_clip
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # CPU only: fork_rng restores it
         return create_open_clip(model_name, pretrained=False)
 
 
@@ -260,6 +260,10 @@ def train_digits_clip(model: nn.Module, images: Tensor, labels: Tensor, recipe: 
     losses: list[float] = []
     table.requires_grad_(False)
     model.train()
+    # One thread: the backward of the embedding-row gathers accumulates in a thread-dependent order, and the cached
+    # weights must not depend on the machine's thread count (about as fast: the model is tiny).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         opt = torch.optim.AdamW(_param_groups(model, recipe, rows), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
         order, pos = torch.randperm(n, generator=gen), 0
@@ -292,6 +296,7 @@ def train_digits_clip(model: nn.Module, images: Tensor, labels: Tensor, recipe: 
                 model.logit_scale.clamp_(0.0, math.log(100.0))
             losses.append(float(loss.detach()))
     finally:
+        torch.set_num_threads(threads)
         with torch.no_grad():
             table[used] = rows.detach()
         table.requires_grad_(True)
