@@ -16,6 +16,7 @@ path, the expected layout and where to get the data.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import os
@@ -162,9 +163,9 @@ class _SplitFileLTSource(DataSource):
         return path
 
     # ----------------------------------------------------------------------------------------------- classes
+    @abc.abstractmethod
     def _class_names(self, label_dirs: dict[int, str]) -> list[str]:
         """Class names indexed by label; ``label_dirs`` maps each label to the class folder of its train paths."""
-        raise NotImplementedError
 
     def _label_dirs(self, path: Path, entries: list[tuple[str, int]], key: str) -> dict[int, str]:
         """Label -> class key (``key`` of the train paths); checks labels are 0..C-1 and the map is one-to-one."""
@@ -186,9 +187,9 @@ class _SplitFileLTSource(DataSource):
         return labels
 
     @staticmethod
+    @abc.abstractmethod
     def _class_key(rel: str) -> str:
         """The class key of a train image path (its class folder)."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------- cache
     def _cache_path(self, kind: str, split_file: Path, image_root: Path) -> Path:
