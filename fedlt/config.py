@@ -62,7 +62,9 @@ class LoggingConfig:
         wandb_mode: ``auto`` (online with credentials, else offline), ``online``, ``offline`` or ``disabled``.
         project: W&B project.
         entity: W&B entity (team or user).
-        tags: W&B tags.
+        tags: W&B tags (added to the automatic ones: method, dataset, IF, alpha, seed).
+        group: W&B group (``fedlt sweep`` sets the sweep's name, so its runs are compared together).
+        job_type: W&B job type (default: the method's registry name).
         progress_bar: show the live progress bar.
     """
 
@@ -71,4 +73,6 @@ class LoggingConfig:
     project: str = "fedlt"
     entity: str | None = None
     tags: list[str] = field(default_factory=list)
+    group: str | None = None
+    job_type: str | None = None
     progress_bar: bool = True
