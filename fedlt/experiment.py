@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fedlt.callbacks.loggers import CSVMetricsLogger, WandbFabricLogger
+from fedlt.callbacks.loggers import CSVMetricsLogger, WandbFabricLogger, flatten_config, run_tags
 from fedlt.callbacks.progress import ProgressBar
 from fedlt.callbacks.report import final_report, format_table
 from fedlt.config import LoggingConfig, ModelConfig, TrainerConfig
@@ -139,10 +139,10 @@ class Experiment:
         finally:
             bar.close()
             flag.uninstall()
-            for lg in (csv_logger, wandb_logger):
-                if lg is not None:
-                    lg.finalize(status)
+            if status == "failed":  # on success the loggers close after the final report (the W&B summary)
+                _finalize(csv_logger, wandb_logger, status=status)
         if sim.round < self.trainer_cfg.rounds:
+            _finalize(csv_logger, wandb_logger)
             self._print(f"preempted: checkpoint written at round {sim.round}; continue with --resume auto")
             return {"preempted": True, "round": sim.round}
         post = sim.evaluate() if sim.method.on_fit_end(sim) else None
@@ -150,11 +150,18 @@ class Experiment:
         if post is not None:
             # A post-training stage changed the models (e.g. FedLoGe's realignment): one more evaluation.
             report["post_training"] = post
+        if wandb_logger is not None:
+            wandb_logger.log_final(report)
+        clients = sim.evaluator.client_accuracies()  # collective: every rank
         if self.is_rank_zero:
+            if clients is not None:  # per-client PM accuracy of the last evaluation (fedlt report's pm_clients.png)
+                clients.update(round=sim.round, post_training=post is not None)
+                (self.run_dir / "clients.json").write_text(json.dumps(clients, indent=1))
             (self.run_dir / "final.json").write_text(json.dumps(report, indent=2))
             self._print(format_table(report))
             if post is not None:
                 self._print("after the post-training stage:\n" + format_table(final_report({sim.round: post}, last=1)))
+        _finalize(csv_logger, wandb_logger)
         return report
 
     def _loop(self, sim: Simulator, history: dict, bar: ProgressBar, flag: PreemptionFlag,
@@ -188,21 +195,31 @@ class Experiment:
             self.fabric.barrier()
 
     def _loggers(self, resume_round: int | None, ckpt: dict | None) -> tuple[Any, Any]:
+        """Rank 0's CSV and W&B loggers (``None`` elsewhere); a resumed run continues its W&B run."""
         if not self.is_rank_zero:
             return None, None
         csv_logger = CSVMetricsLogger(self.run_dir, resume_round)
         lc = self.logging_cfg
-        wandb_logger = None
-        if lc.wandb:
-            wandb_logger = WandbFabricLogger(
-                self.run_dir, project=lc.project, entity=lc.entity, name=self.name, tags=lc.tags,
-                mode=lc.wandb_mode, run_id=(ckpt or {}).get("wandb_id"), config=_config_dict(self.config_yaml),
-            )
-            if wandb_logger.mode == "disabled":
-                wandb_logger = None
-            elif ckpt is None:
-                wandb_logger.log_partition(self.data.summary())
+        if not lc.wandb:
+            return csv_logger, None
+        summary = self.data.summary()
+        wandb_logger = WandbFabricLogger(
+            self.run_dir, project=lc.project, entity=lc.entity, name=self.name, mode=lc.wandb_mode,
+            tags=run_tags(summary, self.method.name, self.seed, lc.tags), group=lc.group,
+            job_type=lc.job_type or self.method.name, run_id=(ckpt or {}).get("wandb_id"),
+            config=self._wandb_config(summary),
+        )
+        if wandb_logger.mode == "disabled":
+            return csv_logger, None
+        if ckpt is None:
+            wandb_logger.log_partition(summary)
         return csv_logger, wandb_logger
+
+    def _wandb_config(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The resolved config with dotted keys, plus ``method`` (registry name), ``dataset`` and ``partition.*``
+        (the partitioner's name and parameters) as convenience keys for grouping runs in dashboards."""
+        extra = {"method": self.method.name, "dataset": summary.get("source"), "partition": summary.get("partition")}
+        return {**flatten_config(_config_dict(self.config_yaml)), **flatten_config(extra)}
 
     def _write_run_files(self, sim: Simulator) -> None:
         if not self.is_rank_zero:
@@ -248,6 +265,13 @@ class Experiment:
             plot_partition(summary, plot)
             print(f"partition plot written to {plot}")
         return summary
+
+
+def _finalize(*loggers: Any, status: str = "success") -> None:
+    """Closes the loggers that exist on this rank (W&B: finishes the run with ``status``)."""
+    for lg in loggers:
+        if lg is not None:
+            lg.finalize(status)
 
 
 def _config_dict(config_yaml: str) -> dict[str, Any]:

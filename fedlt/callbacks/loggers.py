@@ -1,5 +1,6 @@
 """Fabric loggers: a CSV file in the run directory and Weights & Biases (online with credentials, otherwise
-offline with a one-line hint on how to sync; never prompts, never blocks)."""
+offline with a one-line hint on how to sync; never prompts, never blocks), plus the W&B run layout that makes runs
+comparable in dashboards: flattened config, automatic tags, ``round`` as the step and a final summary."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import csv
 import json
 import netrc
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -92,8 +94,52 @@ def resolve_wandb_mode(mode: str) -> str:
     return "online" if wandb_credentials_available() else "offline"
 
 
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> one level with dotted keys (``data.partition.init_args.alpha``), lists kept as values.
+
+    W&B dashboards filter, group and slice runs by config keys; dotted keys are the ones ``fedlt fit --a.b value``
+    and ``fedlt sweep`` grids use, so a sweep's axes appear as config columns as they are written.
+    """
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_config(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def run_tags(summary: Mapping[str, Any], method: str, seed: int, extra: Iterable[str] = ()) -> list[str]:
+    """Automatic W&B tags of a run: dataset, imbalance factor, partition concentration, seed, method, then ``extra``.
+
+    Args:
+        summary: the federated split's summary (``source``, ``imbalance_factor``, ``partition``).
+        method: the method's registry name.
+        seed: the experiment seed.
+        extra: the user's tags (``logging.tags``), appended; duplicates are dropped.
+
+    Returns:
+        e.g. ``["digits", "IF100", "alpha0.5", "seed0", "fedavg", ...]`` (no IF tag without a known imbalance
+        factor, no concentration tag for a partition without ``alpha``/``beta``).
+    """
+    tags = [str(summary["source"])] if summary.get("source") else []
+    imbalance = summary.get("imbalance_factor")
+    if isinstance(imbalance, (int, float)):
+        tags.append(f"IF{imbalance:g}")
+    partition = summary.get("partition") or {}
+    for key in ("alpha", "beta"):
+        if isinstance(partition.get(key), (int, float)):
+            tags.append(f"{key}{partition[key]:g}")
+    tags += [f"seed{seed}", method, *extra]
+    return [t[:64] for t in dict.fromkeys(tags)]  # W&B caps a tag at 64 characters
+
+
 class WandbFabricLogger(Logger):
     """Weights & Biases as a Fabric logger (rank 0 only).
+
+    Every logged row carries ``round``, which is the x axis of all metrics (``define_metric``), so resumed runs
+    and runs of different lengths line up in dashboards.
 
     Args:
         run_dir: the run directory (W&B files go to ``<run_dir>/wandb``).
@@ -103,15 +149,19 @@ class WandbFabricLogger(Logger):
         tags: run tags.
         mode: ``auto``, ``online``, ``offline`` or ``disabled``.
         run_id: resume this W&B run (from a checkpoint).
-        config: the resolved config, logged as the run config.
+        config: the run config (flattened, see :func:`flatten_config`).
+        group: W&B group (the runs of one sweep share it).
+        job_type: W&B job type (the method's registry name).
     """
 
     def __init__(self, run_dir: str | Path, project: str = "fedlt", entity: str | None = None,
                  name: str | None = None, tags: list[str] | None = None, mode: str = "auto",
-                 run_id: str | None = None, config: dict[str, Any] | None = None) -> None:
+                 run_id: str | None = None, config: dict[str, Any] | None = None, group: str | None = None,
+                 job_type: str | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.mode = resolve_wandb_mode(mode)
-        self._kwargs = dict(project=project, entity=entity, name=name, tags=tags or None, config=config or {})
+        self._kwargs = dict(project=project, entity=entity, name=name, tags=tags or None, config=config or {},
+                            group=group, job_type=job_type)
         self._run_id = run_id
         self._run: Any = None
 
@@ -142,14 +192,19 @@ class WandbFabricLogger(Logger):
             self._run_id = self._run.id
             if self.mode == "offline":
                 sync_dir = Path(self._run.dir).parent
+                if len(list(sync_dir.parent.glob("offline-run-*"))) > 1:
+                    sync_dir = sync_dir.parent / "offline-run-*"  # a resumed run: one folder per segment, in order
                 print(f"W&B is offline (no credentials found); sync later with: wandb sync {sync_dir}")
         return self._run
 
     def _init(self, wandb: Any) -> Any:
-        return wandb.init(
+        run = wandb.init(
             dir=str(self.run_dir), mode=self.mode, id=self._run_id, resume="allow" if self._run_id else None,
             settings=wandb.Settings(silent=True, console="off", init_timeout=60), **self._kwargs,
         )
+        run.define_metric("round")
+        run.define_metric("*", step_metric="round")
+        return run
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any], *args: Any, **kwargs: Any) -> None:
@@ -161,14 +216,34 @@ class WandbFabricLogger(Logger):
 
     @rank_zero_only
     def log_partition(self, summary: dict[str, Any]) -> None:
-        """Logs the partition summary: a clients x classes table and the JSON summary."""
+        """Logs the partition summary: a clients x classes table, the rest (partitioner, sizes) in the run summary."""
         import wandb
 
         counts = summary.get("client_class_counts", [])
         columns = ["client"] + [f"class_{c}" for c in range(len(counts[0]) if counts else 0)]
         table = wandb.Table(columns=columns, data=[[k, *row] for k, row in enumerate(counts)])
         self.experiment.log({"partition/client_class_counts": table}, step=0)
-        self.experiment.summary["partition"] = json.loads(json.dumps(summary, default=str))
+        rest = {k: v for k, v in summary.items() if k != "client_class_counts"}  # the table holds those
+        self.experiment.summary["partition"] = json.loads(json.dumps(rest, default=str))
+
+    @rank_zero_only
+    def log_final(self, report: dict[str, Any]) -> None:
+        """Writes the final report into the run summary (what bar charts and run tables show).
+
+        Keys: ``mean_last/<metric>`` (mean over the last ``last_n`` evaluated rounds, 10 by default),
+        ``best/<metric>`` and ``best_round`` (the round of best GM accuracy), ``final/<metric>`` (last evaluated
+        round), ``last_n``, and ``post_training/<metric>`` / ``val_selected/<metric>`` when the report has them.
+
+        Args:
+            report: :func:`fedlt.callbacks.report.final_report`'s dict (as written to ``final.json``).
+        """
+        summary = self.experiment.summary
+        for part in ("mean_last", "best", "final", "post_training", "val_selected"):
+            for key, value in (report.get(part) or {}).items():
+                summary[f"{part}/{key}"] = value
+        for key in ("best_round", "last_n", "val_selected_round"):
+            if report.get(key) is not None:
+                summary[key] = report[key]
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

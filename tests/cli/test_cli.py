@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fedlt.cli import main
+from fedlt.engine.sharding import assign_to_ranks, sample_cohort
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
@@ -107,21 +108,44 @@ def test_method_alias_and_print_config(capsys):
     assert "FedProx" in capsys.readouterr().out
 
 
+def _files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+
+
 @pytest.mark.ddp
-def test_two_processes_give_the_same_global_weights_as_one(tmp_path):
+@pytest.mark.parametrize("cohort, split", [(3, [1, 2]), (1, [0, 1])], ids=["uneven-cohort", "idle-rank"])
+def test_two_processes_give_the_same_global_weights_and_metrics_as_one(tmp_path, cohort, split):
     one, two = tmp_path / "one", tmp_path / "two"
-    p1 = _cli("fit", "--config", TINY, "--run_dir", str(one))
+    args = ("fit", "--config", TINY, "--trainer.clients_per_round", str(cohort))
+    p1 = _cli(*args, "--run_dir", str(one))
     out1 = p1.communicate(timeout=300)[0]
-    p2 = _cli("fit", "--config", TINY, "--run_dir", str(two), "--trainer.devices", "2")
+    p2 = _cli(*args, "--run_dir", str(two), "--trainer.devices", "2")
     out2 = p2.communicate(timeout=300)[0]
     assert p1.returncode == 0, out1
     assert p2.returncode == 0, out2
-    assert "world size 2" in out2
+    # The premise: the cohort splits unevenly over the 2 ranks (LPT by client size), every round.
+    sizes = json.loads((two / "partition.json").read_text())["client_sizes"]
+    for rnd in (1, 2):
+        ranks = assign_to_ranks(sample_cohort(0, rnd, len(sizes), cohort), sizes, 2)
+        assert sorted(len(r) for r in ranks) == split, ranks
     a, b = _global(one, 2), _global(two, 2)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6, msg=k)
     assert not torch.equal(a["head.weight"], _global(one, 1)["head.weight"])
+    # Evaluation is sharded over the ranks and synced: the same metrics, row for row.
+    rows1, rows2 = (list(csv.DictReader((run / "metrics.csv").open())) for run in (one, two))
+    assert [r["round"] for r in rows1] == [r["round"] for r in rows2] == ["1", "2"]  # no duplicate rows
+    for r1, r2 in zip(rows1, rows2):
+        assert r1.keys() == r2.keys()
+        for k in r1:
+            if not k.startswith("time/"):
+                assert float(r2[k]) == pytest.approx(float(r1[k]), rel=1e-5, abs=1e-6), k
+    f1, f2 = (json.loads((run / "final.json").read_text()) for run in (one, two))
+    assert f2["mean_last"] == pytest.approx(f1["mean_last"], rel=1e-5, abs=1e-6, nan_ok=True)
+    # Only rank 0 writes and prints: the same run files as one process, one header and one final table.
+    assert _files(two) == _files(one)
+    assert out2.count("world size 2") == 1 and out2.count("GM acc") == 1, out2
 
 
 def _kill_after_checkpoint(run: Path, sig: int, rounds: int, round: int = 2) -> tuple[int, str]:
