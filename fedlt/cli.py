@@ -1,4 +1,4 @@
-"""The ``fedlt`` command line (jsonargparse): fit | validate | partition | methods.
+"""The ``fedlt`` command line (jsonargparse): fit | validate | partition | methods | sweep | report.
 
 Constructor signatures are the schema: every hyperparameter is a typed argument of the class that uses it, and
 its Google docstring is the ``--help`` text. Several ``--config`` files compose (later ones win) and any field can
@@ -22,6 +22,8 @@ COMMANDS = {
     "validate": "evaluate a checkpoint (GM and PM) with --ckpt_path",
     "partition": "build and summarise the federated split (--plot out.png draws it)",
     "methods": "list the registered methods with their papers",
+    "report": "tables (markdown, LaTeX) and plots of run directories, mean +- std over seeds (offline)",
+    "sweep": "expand a grid of runs into a SLURM array job; submit it, or run one element (--run-index)",
 }
 
 
@@ -222,6 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(f"unknown command {command!r}; valid commands: {', '.join(COMMANDS)}")
     if command == "methods":
         return cmd_methods(rest)
+    if command == "sweep":
+        from fedlt.sweep import cmd_sweep
+
+        return cmd_sweep(rest)
+    if command == "report":
+        from fedlt.report import cmd_report
+
+        return cmd_report(rest)
     handler: Callable[[str, Sequence[str]], int] = _run_command
     try:
         return handler(command, rest)

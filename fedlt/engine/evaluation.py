@@ -44,6 +44,7 @@ class Evaluator:
         self.gm = GroupedAccuracy(data.num_classes, groups).to(sim.device)
         self.pm = PersonalizedAccuracy(data.num_clients, data.num_classes, groups).to(sim.device)
         self._masking = bool(getattr(data, "mask_absent_classes", False))
+        self._client_counts: Tensor | None = None  # (2, K) this rank's PM correct / total of the last evaluation
 
     def _batches(self, idx: Tensor, split=None):
         data, bs = self.sim.data, self.sim.eval_batch_size
@@ -64,6 +65,7 @@ class Evaluator:
         sim, method = self.sim, self.sim.method
         sim.model.eval()
         out: dict[str, float] = {}
+        self._client_counts = None
         preds = None
         if method.has_global_model:
             self._load_global()
@@ -77,10 +79,25 @@ class Evaluator:
                 self._pm_from_global(preds, clients)
             else:
                 self._pm_personal(clients)
+            self._client_counts = torch.stack([self.pm.correct.sum(1), self.pm.total.sum(1)])  # local, pre-sync
             out.update(_prefixed("test/personal/", self.pm.compute()))
             self.pm.reset()
         sim.model.train()
         return out
+
+    def client_accuracies(self) -> dict[str, list] | None:
+        """Per-client PM accuracy of the last evaluation, from its count states (no extra evaluation pass).
+
+        A collective (one sum all-reduce of 2K counts): every rank calls it.
+
+        Returns:
+            ``{"acc": [...], "num_test": [...]}`` indexed by client id (``acc`` is ``None`` for a client without
+            local test samples), or ``None`` when the last evaluation had no PM (e.g. domain data).
+        """
+        if self._client_counts is None:
+            return None
+        counts = all_reduce_sum_(self.sim.fabric, self._client_counts.clone()).tolist()
+        return {"acc": [c / t if t else None for c, t in zip(*counts)], "num_test": counts[1]}
 
     def _global_predictions(self, split=None) -> Tensor:
         """Predicted labels of a whole split (default: the global test set) on every rank; the GM metric is

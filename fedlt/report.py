@@ -1,0 +1,363 @@
+"""``fedlt report``: tables and plots of a sweep's run directories, offline (no W&B).
+
+Every run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per round) and, once
+finished, ``final.json`` (and ``clients.json``, the per-client PM accuracy of the last evaluation). Runs are
+grouped by a row key (default: the method) and column keys (default: the config fields that vary between runs,
+other than the seed, the run name/dir, logging and hardware settings, and fields fixed by the row such as a
+method's own hyperparameters), and aggregated over seeds: mean, sample std (ddof 1; 0 for a single seed) and n.
+
+A run's value is its metric reduced over the evaluated rounds (those where the metric is present):
+``last10`` (default) the mean of the last 10 (the project's final-report convention), ``lastN`` the last N,
+``last`` the last one, ``best`` the maximum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import json
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GROUPS = ("many", "medium", "few")
+_IGNORED = {"name", "run_dir", "resume", "seed", "data.seed", "data.storage", "data.source.init_args.root"}
+_IGNORED_PREFIXES = ("logging.", "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+                     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.eval_batch_size",
+                     "trainer.client_state")
+_REDUCE = re.compile(r"^(best|last|last([1-9]\d*))$")
+
+
+class ReportError(ValueError):
+    """Bad input to ``fedlt report`` (printed as ``fedlt: error: ...``, exit status 2)."""
+
+
+@dataclass
+class Run:
+    """One run directory: flattened config, metric series and per-client PM accuracies."""
+
+    path: Path
+    config: dict[str, Any]
+    series: dict[str, list[tuple[int, float]]]
+    clients: list[float] | None = None
+    finished: bool = True
+
+
+@dataclass
+class Cell:
+    """The runs of one (row, column) setting, aggregated over seeds."""
+
+    values: list[float] = field(default_factory=list)
+    seeds: list[Any] = field(default_factory=list)
+    runs: list[str] = field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        """``mean``, ``std`` (sample, 0 for one value), ``n`` and the inputs."""
+        n = len(self.values)
+        std = statistics.stdev(self.values) if n > 1 else 0.0
+        return {"mean": statistics.fmean(self.values), "std": std, "n": n, "seeds": self.seeds,
+                "values": self.values, "runs": self.runs}
+
+
+# -- reading -----------------------------------------------------------------------------------------------
+def find_runs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Run directories (``config.yaml`` + ``metrics.csv``) at or below each input, sorted, without duplicates."""
+    found: dict[Path, None] = {}
+    for inp in inputs:
+        root = Path(inp)
+        if not root.is_dir():
+            raise ReportError(f"{inp}: no such directory")
+        for cfg in sorted(root.rglob("config.yaml")):
+            if (cfg.parent / "metrics.csv").is_file():
+                found.setdefault(cfg.parent.resolve(), None)
+    if not found:
+        raise ReportError(f"no run directories (config.yaml + metrics.csv) under {', '.join(map(str, inputs))}")
+    return list(found)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{dotted.key: leaf}``; lists become tuples (hashable)."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
+
+
+def load_run(path: Path) -> Run:
+    """Reads one run directory."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ReportError(f"{path / 'config.yaml'}: not valid YAML ({err})") from err
+    series: dict[str, list[tuple[int, float]]] = {}
+    with (path / "metrics.csv").open(newline="") as f:
+        for row in csv.DictReader(f):
+            rnd = int(row.pop("round"))
+            for key, value in row.items():
+                if value not in ("", None):
+                    series.setdefault(key, []).append((rnd, float(value)))
+    clients = None
+    if (path / "clients.json").is_file():
+        clients = [a for a in json.loads((path / "clients.json").read_text()).get("acc", []) if a is not None]
+    return Run(path, flatten(config if isinstance(config, dict) else {}), series, clients,
+               (path / "final.json").is_file())
+
+
+def method_name(config: dict[str, Any]) -> str:
+    """The method's class name (``fedlt.methods.FedAvg`` -> ``FedAvg``), or its registry name."""
+    value = config.get("method.class_path", config.get("method"))
+    return str(value).rsplit(".", 1)[-1] if value is not None else "?"
+
+
+def row_value(run: Run, key: str) -> Any:
+    """A run's value of a row or column key: the method for ``method``, else the config value of ``key``."""
+    return method_name(run.config) if key == "method" else run.config.get(key)
+
+
+# -- grouping ----------------------------------------------------------------------------------------------
+def _ignored(key: str) -> bool:
+    return key in _IGNORED or key.startswith(_IGNORED_PREFIXES) or key == "method" or key.startswith("method.class")
+
+
+def varying_keys(runs: Sequence[Run], row_key: str) -> list[str]:
+    """Config keys whose value differs between runs, skipping ignored keys and keys fixed by the row."""
+    keys = sorted({k for r in runs for k in r.config})
+    out = []
+    for key in keys:
+        if _ignored(key) or key == row_key or len({_h(r.config.get(key)) for r in runs}) < 2:
+            continue
+        per_row: dict[Any, set] = {}
+        for r in runs:
+            per_row.setdefault(_h(row_value(r, row_key)), set()).add(_h(r.config.get(key)))
+        if any(len(v) > 1 for v in per_row.values()):  # varies inside a row: a setting, not a row attribute
+            out.append(key)
+    return out
+
+
+def _h(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True, default=str) if isinstance(value, (dict, list, tuple)) else value
+
+
+def _sort_key(value: Any) -> tuple:
+    if isinstance(value, tuple):
+        return tuple(_sort_key(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value))
+
+
+def format_value(value: Any) -> str:
+    """A config value for a label: ``20.0`` -> ``20``, ``0.5`` -> ``0.5``, lists as JSON."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def column_labels(keys: Sequence[str], values: Sequence[tuple], metric: str) -> list[str]:
+    """``alpha=0.5, imbalance_factor=100`` per column (the shortest unique key suffixes); the metric if none."""
+    if not keys:
+        return [metric for _ in values]
+    short = []
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if sum(k == name or k.endswith("." + name) for k in keys) == 1:
+                break
+        short.append(name)
+    return [", ".join(f"{s}={format_value(v)}" for s, v in zip(short, vals)) for vals in values]
+
+
+def reduce_series(points: Sequence[tuple[int, float]], mode: str) -> float | None:
+    """A run's value from its (round, value) points: ``lastN`` mean, ``last`` or ``best`` (NaNs skipped)."""
+    m = _REDUCE.match(mode)
+    if m is None:
+        raise ReportError(f"--reduce {mode!r}: expected last10 (or lastN), last or best")
+    if mode == "last":
+        return points[-1][1] if points and not math.isnan(points[-1][1]) else None
+    vals = [v for _, v in (points if mode == "best" else points[-int(m.group(2)):]) if not math.isnan(v)]
+    if not vals:
+        return None
+    return max(vals) if mode == "best" else statistics.fmean(vals)
+
+
+@dataclass
+class Grouping:
+    """Runs grouped by row value and column values."""
+
+    row_key: str
+    column_keys: list[str]
+    rows: list[Any]
+    columns: list[tuple]
+    members: dict[tuple[Any, tuple], list[Run]]
+
+
+def group_runs(runs: Sequence[Run], row_key: str, column_keys: Sequence[str]) -> Grouping:
+    """Groups runs by (row value, column values), rows and columns sorted (numbers numerically)."""
+    members: dict[tuple[Any, tuple], list[Run]] = {}
+    for run in runs:
+        col = tuple(row_value(run, k) for k in column_keys)
+        members.setdefault((row_value(run, row_key), col), []).append(run)
+    rows = sorted({r for r, _ in members}, key=lambda v: _sort_key(_h(v)))
+    cols = sorted({c for _, c in members}, key=lambda v: _sort_key(tuple(_h(x) for x in v)))
+    return Grouping(row_key, list(column_keys), rows, cols, members)
+
+
+def aggregate(grouping: Grouping, metric: str, mode: str) -> dict[tuple[Any, tuple], Cell]:
+    """One :class:`Cell` per (row, column) with the reduced metric of each run that has it."""
+    cells: dict[tuple[Any, tuple], Cell] = {}
+    for key, runs in grouping.members.items():
+        cell = Cell()
+        for run in runs:
+            value = reduce_series(run.series.get(metric, []), mode)
+            if value is not None:
+                cell.values.append(value)
+                cell.seeds.append(run.config.get("seed"))
+                cell.runs.append(str(run.path))
+        if cell.values:
+            cells[key] = cell
+    return cells
+
+
+def check_keys(runs: Sequence[Run], metric: str, row_key: str, column_keys: Sequence[str]) -> None:
+    """Raises :class:`ReportError` for a metric or config key that no run has."""
+    metrics = sorted({k for r in runs for k in r.series})
+    if metric not in metrics:
+        close = difflib.get_close_matches(metric, metrics, n=5, cutoff=0.4) or metrics[:8]
+        raise ReportError(f"unknown metric {metric!r} (not in any metrics.csv); e.g. {', '.join(close)}")
+    keys = sorted({k for r in runs for k in r.config})
+    for opt, key in [("--rows", row_key), *(("--columns", k) for k in column_keys)]:
+        if key != "method" and key not in keys:
+            close = difflib.get_close_matches(key, keys, n=5, cutoff=0.4)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (dotted keys of config.yaml, e.g. seed)"
+            raise ReportError(f"{opt}: unknown config key {key!r}{hint}")
+
+
+# -- tables ------------------------------------------------------------------------------------------------
+def is_percent(metric: str) -> bool:
+    """Evaluation metrics (``test/``, ``val/``) are fractions shown in %."""
+    return metric.startswith(("test/", "val/")) and not metric.endswith("num_clients")
+
+
+def higher_is_better(metric: str) -> bool:
+    """False for losses, timings and spreads (std)."""
+    return not ("loss" in metric or metric.startswith("time/") or "std" in metric.rsplit("/", 1)[-1])
+
+
+# -- summary -----------------------------------------------------------------------------------------------
+def summarize(runs: Sequence[Run], metric: str, mode: str, row_key: str, column_keys: Sequence[str]) -> dict:
+    """The report's numbers: per-cell statistics of ``metric``, the best row per column and the groups."""
+    grouping = group_runs(runs, row_key, column_keys)
+    labels = column_labels(column_keys, grouping.columns, metric)
+    label_of = dict(zip(grouping.columns, labels))
+    rows = [str(r) if row_key == "method" else format_value(r) for r in grouping.rows]
+    row_of = dict(zip(grouping.rows, rows))
+    cells: dict[str, dict[str, Any]] = {}
+    for (row, col), cell in aggregate(grouping, metric, mode).items():
+        cells.setdefault(row_of[row], {})[label_of[col]] = cell.stats()
+    sign = 1.0 if higher_is_better(metric) else -1.0
+    best = {}
+    for label in labels:
+        means = {r: c[label]["mean"] for r, c in cells.items() if label in c}
+        top = max((sign * m for m in means.values()), default=None)
+        best[label] = [r for r, m in means.items() if top is not None and sign * m >= top - 1e-12]
+    return {"metric": metric, "reduce": mode, "rows_key": row_key, "column_keys": list(column_keys),
+            "percent": is_percent(metric), "higher_is_better": sign > 0, "std": "sample (ddof=1), 0 for n=1",
+            "rows": rows, "columns": labels, "cells": cells, "best": best,
+            "column_values": {label_of[c]: dict(zip(column_keys, c)) for c in grouping.columns},
+            "_grouping": grouping, "_row_of": row_of, "_label_of": label_of}
+
+
+# -- command -----------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise ReportError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedlt report`` options."""
+    p = _Parser(prog="fedlt report", description="tables (markdown, LaTeX) and plots of run directories, offline")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run directories, or folders holding them")
+    p.add_argument("--metric", default="test/global/acc", help="metrics.csv column (default test/global/acc)")
+    p.add_argument("--rows", default="method", help="row key: method (default) or a dotted config key")
+    p.add_argument("--columns", default=None,
+                   help="comma-separated dotted config keys (default: the varying ones; 'none': one column)")
+    p.add_argument("--reduce", default="last10", help="last10 (default; lastN: mean of the last N rounds), last, best")
+    p.add_argument("--out", default=None, help="output folder (default <first input>/report)")
+    p.add_argument("--title", default=None, help="title of the tables and plots")
+    p.add_argument("--unfinished", action="store_true", help="include runs without final.json")
+    return p
+
+
+def cmd_report(argv: Sequence[str]) -> int:
+    """``fedlt report``: prints the markdown table and the paths written; bad input -> exit status 2."""
+    from fedlt.cli import _usage_error
+
+    try:
+        args = build_parser().parse_args(list(argv))
+        return _report(args)
+    except ReportError as err:
+        return _usage_error(str(err))
+    except SystemExit as stop:  # --help
+        return int(stop.code or 0)
+
+
+def _select_runs(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
+    runs = [load_run(p) for p in find_runs(args.inputs)]
+    notes = []
+    if not args.unfinished:
+        unfinished = [r for r in runs if not r.finished]
+        if unfinished:
+            notes.append(f"skipped {len(unfinished)} unfinished run(s) without final.json (--unfinished keeps them)")
+        runs = [r for r in runs if r.finished]
+    if not runs:
+        raise ReportError("no finished run (final.json) found; --unfinished reports runs in progress")
+    return runs, notes
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedlt.report_plots import group_stats, write_plots
+    from fedlt.report_tables import build_table, latex, markdown
+
+    reduce_series([], args.reduce)  # validates --reduce before reading anything
+    runs, notes = _select_runs(args)
+    columns = args.columns
+    if columns is None:
+        column_keys = varying_keys(runs, args.rows)
+    else:
+        column_keys = [] if columns.strip() in ("", "none") else [k.strip() for k in columns.split(",") if k.strip()]
+    check_keys(runs, args.metric, args.rows, column_keys)
+    summary = summarize(runs, args.metric, args.reduce, args.rows, column_keys)
+    if not summary["cells"]:
+        raise ReportError(f"no run has a value of {args.metric} (all rounds empty or NaN)")
+    out = Path(args.out) if args.out else Path(args.inputs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table = build_table(summary)
+    md = markdown(table, args.title)
+    (out / "table.md").write_text(md)
+    (out / "table.tex").write_text(latex(table, args.title))
+    summary["groups"] = group_stats(summary)
+    plots, plot_notes = write_plots(summary, out, args.title)
+    notes += plot_notes
+    public = {k: v for k, v in summary.items() if not k.startswith("_")}
+    public.update(num_runs=len(runs), plots=plots, notes=notes)
+    (out / "summary.json").write_text(json.dumps(public, indent=1, default=str))
+    print(md)
+    for note in notes:
+        print(f"note: {note}")
+    for name in ("table.md", "table.tex", "summary.json", *(Path(p["path"]).name for p in plots.values())):
+        print(f"wrote {out / name}")
+    return 0

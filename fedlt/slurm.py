@@ -1,0 +1,152 @@
+"""SLURM glue: ``sbatch`` submission, array index lists, and requeueing a preempted job.
+
+One requeue implementation serves both templates: ``fedlt sweep --run-index`` (``slurm/array.sbatch``) calls
+:func:`requeue_if_allowed` itself when its run is preempted, and ``slurm/fit.sbatch`` runs
+``python -m fedlt.slurm requeue`` when ``srun fedlt fit`` exits with status 3.
+
+Whether a job may be requeued:
+
+* ``FEDLT_REQUEUE=0`` never requeues, ``FEDLT_REQUEUE=1`` always tries;
+* otherwise (unset or ``auto``) ``scontrol show job <id>`` is asked and the job is requeued unless it reports
+  ``Requeue=0`` (submitted with ``--no-requeue``, or ``JobRequeue=0`` in the cluster's configuration).
+
+The job id of an array task is ``${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}`` (only that task goes back to the
+queue), else ``$SLURM_JOB_ID``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+ARRAY_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "array.sbatch"
+_REQUEUE_FIELD = re.compile(r"\bRequeue=(\d)")
+_JOB_ID = re.compile(r"(\d+)")
+
+
+def _log(text: str) -> None:
+    print(f"fedlt: {text}", file=sys.stderr, flush=True)
+
+
+def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
+    """The id ``scontrol`` knows this job (or array task) by, or ``None`` outside SLURM."""
+    env = os.environ if env is None else env
+    array_job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def _scontrol(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        _log(f"scontrol {' '.join(args)} failed: {err}")
+        return None
+
+
+def requeue_allowed(job_id: str, env: Mapping[str, str] | None = None) -> bool:
+    """``FEDLT_REQUEUE`` (0/1) or, by default, the ``Requeue=`` field of ``scontrol show job``."""
+    env = os.environ if env is None else env
+    policy = env.get("FEDLT_REQUEUE", "auto").strip().lower()
+    if policy in ("0", "false", "no"):
+        _log("FEDLT_REQUEUE=0: not requeueing")
+        return False
+    if policy in ("1", "true", "yes"):
+        return True
+    shown = _scontrol("show", "job", job_id)
+    m = _REQUEUE_FIELD.search(shown.stdout) if shown is not None and shown.returncode == 0 else None
+    if m is not None and m.group(1) == "0":
+        _log(f"SLURM job {job_id} does not allow requeueing (Requeue=0; submit with --requeue)")
+        return False
+    return True
+
+
+def requeue_if_allowed(env: Mapping[str, str] | None = None) -> bool:
+    """Puts this SLURM job (array task) back in the queue after a preemption checkpoint, when allowed.
+
+    Returns:
+        ``True`` if ``scontrol requeue`` succeeded; ``False`` outside SLURM, when not allowed, or on failure
+        (the checkpoint is on disk either way: resubmitting continues the run).
+    """
+    job_id = slurm_job_id(env)
+    if job_id is None:
+        _log("not running under SLURM: run the same command again to resume")
+        return False
+    if not requeue_allowed(job_id, env):
+        return False
+    done = _scontrol("requeue", job_id)
+    if done is None or done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip() if done is not None else ""
+        _log(f"scontrol requeue {job_id} failed{': ' + detail if detail else ''}; resubmit to resume")
+        return False
+    _log(f"requeued SLURM job {job_id}")
+    return True
+
+
+def array_indices(indices: Iterable[int], max_parallel: int | None = None) -> str:
+    """The ``--array`` value for ``indices``: ranges compressed (``0-3,5,7-8``), ``%max_parallel`` appended."""
+    idx = sorted(set(indices))
+    parts: list[str] = []
+    start = prev = None
+    for i in [*idx, None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    spec = ",".join(parts)
+    return f"{spec}%{max_parallel}" if max_parallel else spec
+
+
+def sbatch_options(account: str | None = None, partition: str | None = None, gpus: int | None = None,
+                   time: str | None = None, extra: str | None = None) -> list[str]:
+    """sbatch options from ``fedlt sweep``'s --account/--partition/--gpus/--time and ``--sbatch-args``."""
+    opts = [f"--{flag}={value}" for flag, value in (("account", account), ("partition", partition), ("time", time))
+            if value]
+    if gpus:
+        opts.append(f"--gres=gpu:{gpus}")
+    return opts + shlex.split(extra or "")
+
+
+def sbatch_command(name: str, sweep_dir: str | Path, indices: Iterable[int], options: Sequence[str],
+                   max_parallel: int | None = None, script: str | Path = ARRAY_SCRIPT,
+                   workdir: str | None = None) -> list[str]:
+    """The ``sbatch`` command of a sweep's array job over ``indices``: one log file per task (appended to when
+    the task is requeued), the sweep's working directory, and this Python for the tasks (``FEDLT_PYTHON``)."""
+    d = Path(sweep_dir).resolve()
+    return ["sbatch", f"--array={array_indices(indices, max_parallel)}", f"--job-name={name}",
+            f"--output={d / 'logs' / '%A_%a.out'}", "--open-mode=append", f"--chdir={workdir or Path.cwd()}",
+            f"--export=ALL,FEDLT_PYTHON={sys.executable}", *options, str(script), str(d)]
+
+
+def submit(command: Sequence[str]) -> str:
+    """Runs ``sbatch`` and returns the job id it printed (``Submitted batch job 123``)."""
+    try:
+        done = subprocess.run(list(command), capture_output=True, text=True, timeout=300, check=False)
+    except OSError as err:
+        raise ValueError(f"cannot run {command[0]!r} ({err}); is this a SLURM login node?") from err
+    if done.returncode != 0:
+        raise ValueError(f"sbatch failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")
+    m = _JOB_ID.search(done.stdout)
+    if m is None:
+        raise ValueError(f"sbatch printed no job id: {done.stdout.strip()!r}")
+    return m.group(1)
+
+
+def _main(argv: Sequence[str]) -> int:
+    if list(argv) != ["requeue"]:
+        print("usage: python -m fedlt.slurm requeue   (requeue this SLURM job if allowed)", file=sys.stderr)
+        return 2
+    requeue_if_allowed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
