@@ -16,12 +16,13 @@ queue), else ``$SLURM_JOB_ID``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 ARRAY_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "array.sbatch"
@@ -87,6 +88,32 @@ def requeue_if_allowed(env: Mapping[str, str] | None = None) -> bool:
         return False
     _log(f"requeued SLURM job {job_id}")
     return True
+
+
+@contextlib.contextmanager
+def run_lease(lock_path: str | Path) -> Iterator[bool]:
+    """Holds a non-blocking exclusive lock on ``lock_path`` for the block; yields whether it was obtained.
+
+    Two array tasks of the same run (a resubmission while the first is queued, running or requeued) must not train
+    into one run directory; the second finds the lease taken. The lock dies with its process (POSIX ``flock``), so
+    a killed or requeued task never leaves a stale lease. Where ``flock`` is unavailable, it always yields True.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def array_indices(indices: Iterable[int], max_parallel: int | None = None) -> str:

@@ -32,7 +32,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlt.slurm import ARRAY_SCRIPT, array_indices, requeue_if_allowed, sbatch_command, sbatch_options, submit
+from fedlt.slurm import (
+    ARRAY_SCRIPT,
+    array_indices,
+    requeue_if_allowed,
+    run_lease,
+    sbatch_command,
+    sbatch_options,
+    submit,
+)
 
 SPEC = "sweep.json"
 CONFIG_KEY = "config"
@@ -74,6 +82,9 @@ def load_grid(path: str | Path) -> dict[str, list[Any]]:
         values = values if isinstance(values, list) else [values]
         if not values:
             raise ValueError(f"grid key {key!r} has no values")
+        seen = [repr(v) for v in values]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"grid key {key!r} repeats a value ({values}): two runs would share one run directory")
         grid[key] = values
     return grid
 
@@ -224,10 +235,14 @@ def load_spec(sweep_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2))
 
 
 def write(spec: dict[str, Any], texts: dict[str, str], sweep_dir: str | Path) -> dict[str, Any]:
@@ -243,8 +258,10 @@ def write(spec: dict[str, Any], texts: dict[str, str], sweep_dir: str | Path) ->
         spec = {**old, **{k: v for k, v in spec.items() if k not in ("workdir",)}}
     (d / "configs").mkdir(parents=True, exist_ok=True)
     (d / "logs").mkdir(exist_ok=True)
-    for run in spec["runs"]:
-        (d / run["config"]).write_text(texts[run["name"]])
+    for run in spec["runs"]:  # only new or changed files, atomically: running tasks may be reading them
+        path = d / run["config"]
+        if not path.is_file() or path.read_text() != texts[run["name"]]:
+            _write_text(path, texts[run["name"]])
     _write_json(d / SPEC, spec)
     return spec
 
@@ -336,9 +353,14 @@ def run_index(sweep_dir: str | Path, index: int) -> int:
     if status == "finished":
         print(f"fedlt sweep: run {index} ({run['name']}) already finished; skipping", flush=True)
         return 0
-    print(f"fedlt sweep: run {index} of {len(runs)}: {run['name']} ({status})", flush=True)
-    code = main(["fit", "--config", str(d / run["config"]), "--run_dir", str(d / "runs" / run["name"]),
-                 "--resume", "auto"])
+    # Rank 0 holds the run's lease; ranks spawned by Fabric re-enter here and must not contend for it.
+    with run_lease(d / "runs" / f".{run['name']}.lock") if _rank_zero() else contextlib.nullcontext(True) as ours:
+        if not ours:
+            print(f"fedlt sweep: run {index} ({run['name']}) is being trained by another task; skipping", flush=True)
+            return 0
+        print(f"fedlt sweep: run {index} of {len(runs)}: {run['name']} ({status})", flush=True)
+        code = main(["fit", "--config", str(d / run["config"]), "--run_dir", str(d / "runs" / run["name"]),
+                     "--resume", "auto"])
     if code == EXIT_PREEMPTED and _rank_zero():
         requeue_if_allowed()
     return code

@@ -204,7 +204,8 @@ def _final(run: Path) -> tuple[dict, list[dict]]:
 
 
 def test_sigusr1_requeues_the_array_task_and_the_rerun_resumes_to_identical_metrics(tmp_path, capsys, slurm_log):
-    rounds, grid = 6, "seed: [3]\n"
+    # 30 rounds of ~30 ms: after checkpoint 2 the signal has ~1 s of training left to land in (6 rounds were racy).
+    rounds, grid = 30, "seed: [3]\n"
     full, cut = tmp_path / "full", tmp_path / "cut"
     for d in (full, cut):
         assert _sweep(tmp_path, d, grid, "--trainer.rounds", str(rounds)) == 0
@@ -255,3 +256,21 @@ def test_sbatch_templates_run_the_task_and_requeue_on_status_3(slurm_log):
     slurm_log.unlink()
     assert _script("fit.sbatch", "configs/quickstart.yaml", FAKE_SRUN_STATUS="0", **env).returncode == 0
     assert [c["cmd"] for c in _calls(slurm_log)] == ["srun"]
+
+
+def test_a_run_held_by_another_task_is_skipped_and_repeated_grid_values_are_refused(tmp_path, capsys):
+    """A resubmitted array task must not train into a run directory another task holds (its lease), and a grid that
+    repeats a value would give two runs one directory."""
+    from fedlt.slurm import run_lease
+
+    s = tmp_path / "s"
+    assert _sweep(tmp_path, s, "seed: [0]\n") == 0
+    name = json.loads((s / "sweep.json").read_text())["runs"][0]["name"]
+    with run_lease(s / "runs" / f".{name}.lock") as ours:
+        assert ours
+        capsys.readouterr()
+        assert main(["sweep", "--sweep_dir", str(s), "--run-index", "0"]) == 0
+        assert "is being trained by another task; skipping" in capsys.readouterr().out
+        assert not (s / "runs" / name / "final.json").exists()
+    assert _sweep(tmp_path, tmp_path / "dup", "seed: [0, 0]\n") == 2
+    assert "repeats a value" in capsys.readouterr().err
