@@ -315,6 +315,15 @@ def cmd_report(argv: Sequence[str]) -> int:
         return int(stop.code or 0)
 
 
+def _final_report(path: Path) -> dict[str, Any]:
+    """The run's final.json, or {} when it is missing or unreadable (a run being written)."""
+    try:
+        report = json.loads((path / "final.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 def _select_runs(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
     runs = [load_run(p) for p in find_runs(args.inputs)]
     notes = []
@@ -325,6 +334,12 @@ def _select_runs(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
         runs = [r for r in runs if r.finished]
     if not runs:
         raise ReportError("no finished run (final.json) found; --unfinished reports runs in progress")
+    post = [r for r in runs if r.finished and "post_training" in _final_report(r.path)]
+    if post:
+        # FedLoGe's realignment, FedPuReL's post-hoc Stage 2, ...: evaluated once after training, not per round.
+        notes.append(f"{len(post)} run(s) have a post-training evaluation (final.json 'post_training', e.g. "
+                     "FedLoGe's realignment) that the per-round metrics of this report do not include; "
+                     "pm_clients.png shows the post-training models of those runs")
     return runs, notes
 
 

@@ -159,6 +159,14 @@ def test_missing_clients_json_skips_the_pm_plot_and_unfinished_runs(tmp_path, ca
     assert s["num_runs"] == 2 and s["cells"]["FedAvg"]["test/global/acc"]["mean"] == pytest.approx(0.66)
 
 
+def test_runs_with_a_post_training_stage_are_named(tmp_path, capsys):
+    _write_run(tmp_path / "a", "FedLoGe", 0.5, 0, 0.6)
+    (tmp_path / "a" / "final.json").write_text(json.dumps({"post_training": {"test/global/acc": 0.7}}))
+    _write_run(tmp_path / "b", "FedLoGe", 0.5, 1, 0.7)
+    assert _report(tmp_path) == 0
+    assert "1 run(s) have a post-training evaluation" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
