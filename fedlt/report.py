@@ -181,8 +181,9 @@ def column_labels(keys: Sequence[str], values: Sequence[tuple], metric: str) -> 
     return [", ".join(f"{s}={format_value(v)}" for s, v in zip(short, vals)) for vals in values]
 
 
-def reduce_series(points: Sequence[tuple[int, float]], mode: str) -> float | None:
-    """A run's value from its (round, value) points: ``lastN`` mean, ``last`` or ``best`` (NaNs skipped)."""
+def reduce_series(points: Sequence[tuple[int, float]], mode: str, higher: bool = True) -> float | None:
+    """A run's value from its (round, value) points: ``lastN`` mean, ``last`` or ``best`` (NaNs skipped); ``best``
+    is the maximum, or the minimum when lower is better (``higher=False``: losses, timings)."""
     m = _REDUCE.match(mode)
     if m is None:
         raise ReportError(f"--reduce {mode!r}: expected last10 (or lastN), last or best")
@@ -191,7 +192,9 @@ def reduce_series(points: Sequence[tuple[int, float]], mode: str) -> float | Non
     vals = [v for _, v in (points if mode == "best" else points[-int(m.group(2)):]) if not math.isnan(v)]
     if not vals:
         return None
-    return max(vals) if mode == "best" else statistics.fmean(vals)
+    if mode == "best":
+        return max(vals) if higher else min(vals)
+    return statistics.fmean(vals)
 
 
 @dataclass
@@ -222,7 +225,7 @@ def aggregate(grouping: Grouping, metric: str, mode: str) -> dict[tuple[Any, tup
     for key, runs in grouping.members.items():
         cell = Cell()
         for run in runs:
-            value = reduce_series(run.series.get(metric, []), mode)
+            value = reduce_series(run.series.get(metric, []), mode, higher_is_better(metric))
             if value is not None:
                 cell.values.append(value)
                 cell.seeds.append(run.config.get("seed"))

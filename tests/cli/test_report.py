@@ -115,6 +115,12 @@ def test_reduce_modes(sweep, mode, mean):
     assert s["reduce"] == mode and s["cells"]["FedAvg"]["alpha=0.5"]["mean"] == pytest.approx(mean)
 
 
+def test_best_of_a_loss_is_its_minimum(sweep):
+    assert _report(sweep, "--metric", "train/loss", "--reduce", "best") == 0
+    s = json.loads((sweep / "report" / "summary.json").read_text())
+    assert s["cells"]["FedAvg"]["alpha=0.5"]["mean"] == pytest.approx(1.0 / 13)  # train/loss = 1 / round
+
+
 def test_rows_and_columns_options(sweep):
     assert _report(sweep, "--columns", "none", "--metric", "train/loss") == 0
     s = json.loads((sweep / "report" / "summary.json").read_text())
