@@ -174,7 +174,8 @@ def _fit_all_domains(parser: Any, cfg: Any, init: Any) -> int:
             return EXIT_PREEMPTED
         reports[domain] = report
     summary = domain_summary(reports)
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+    # Rank 0 of every launcher: RANK / LOCAL_RANK under Fabric's own, SLURM_PROCID under srun (which sets neither).
+    if all(int(os.environ.get(k, "0")) == 0 for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID")):
         root.mkdir(parents=True, exist_ok=True)
         (root / "domains.json").write_text(json.dumps(summary, indent=2))
         print(format_domain_table(summary), flush=True)
