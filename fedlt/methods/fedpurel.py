@@ -49,6 +49,11 @@ the experiment config's ``model.kwargs``.
 
 Deviations / choices (methods.md 4.8 and section 8 rows 10-16):
 - lambda defaults to the paper's 0.9 (the code's 0.99 via ``lam``).
+- Noise floor (``align_noise_floor``, default 0 = the paper and the code): the sign test projects whenever
+  <g_task, g_align> < 0, however small g_align is. At a fresh LoRA branch (B = 0, round 1, first local step) the
+  student equals the teacher up to rounding, TKL is about 1e-9 and g_align about 1e-7 of g_task: rounding noise
+  whose sign differs between CPU kernels (AVX2 / AVX-512) and thread counts, and each projection removes 20-70 %
+  of a tensor's task gradient. ``align_noise_floor=1e-4`` leaves such groups unprojected.
 - Adapter PEFT: the code trains phi_k with the fusion CE only (lambda = 0); ``adapter_fusion_only=True`` keeps that
   behaviour explicitly (``False`` applies ``lam`` to adapters too).
 - Optimizer: a fresh Stage-1 optimizer per client and round by default. ``share_optimizer_state=True`` mimics the
@@ -97,19 +102,23 @@ _INIT_TAG, _POST_HOC_TAG = 0xF0_9E1, 0xF0_9E2
 
 
 def purify(g_task: Sequence[Tensor], g_align: Sequence[Tensor], mode: str = "per_tensor",
-           lambda_proj: float = 1.0) -> tuple[list[Tensor], Tensor]:
+           lambda_proj: float = 1.0, noise_floor: float = 0.0) -> tuple[list[Tensor], Tensor]:
     """Gradient purification: removes from ``g_task`` its component against ``g_align`` where they conflict.
 
     ``g~ = g_task - lambda_proj * <g_task, g_align> / ||g_align||^2 * g_align`` where ``<g_task, g_align> < 0``,
     else ``g~ = g_task`` (bit-identical). With ``lambda_proj = 1`` the purified gradient is orthogonal to
     ``g_align`` where a conflict was found, and ``||g~|| <= ||g_task||`` for ``lambda_proj`` in [0, 2].
-    Decided on device (no host sync per tensor).
+    With ``noise_floor > 0`` a group is never projected where ``||g_align|| <= noise_floor * ||g_task||``: there
+    the alignment gradient is too small for its direction to mean anything (e.g. a fresh LoRA branch, whose B
+    factors are zero, so that the student equals the teacher up to rounding and the sign of the inner product is
+    decided by float noise). Decided on device (no host sync per tensor).
 
     Args:
         g_task: gradients of the task loss, one per parameter tensor.
         g_align: gradients of the alignment loss, same shapes.
         mode: ``per_tensor`` (each tensor on its own, official code) or ``global`` (one concatenated vector, paper).
         lambda_proj: strength of the projection.
+        noise_floor: no projection where ``||g_align|| <= noise_floor * ||g_task||`` (0: the paper's rule).
 
     Returns:
         (purified gradients, bool tensor of which groups were projected: one per tensor, or one for ``global``).
@@ -120,9 +129,15 @@ def purify(g_task: Sequence[Tensor], g_align: Sequence[Tensor], mode: str = "per
         return [], torch.zeros(0, dtype=torch.bool)
     dots = torch.stack([(t.float() * a.float()).sum() for t, a in zip(g_task, g_align)])
     sqs = torch.stack([a.float().pow(2).sum() for a in g_align])
+    if noise_floor < 0:
+        raise ValueError(f"noise_floor must be >= 0, got {noise_floor}")
+    task_sqs = torch.stack([t.float().pow(2).sum() for t in g_task]) if noise_floor > 0 else None
     if mode == "global":
         dots, sqs = dots.sum().expand(len(g_task)), sqs.sum().expand(len(g_task))
+        task_sqs = task_sqs.sum().expand(len(g_task)) if task_sqs is not None else None
     conflict = dots < 0
+    if task_sqs is not None:  # compared as squares: no square root, and exact at the boundary
+        conflict = conflict & (sqs > noise_floor * noise_floor * task_sqs)
     coef = lambda_proj * dots / sqs.clamp_min(torch.finfo(torch.float32).tiny)
     out = [torch.where(conflict[i], t - (coef[i] * a.float()).to(t.dtype), t)
            for i, (t, a) in enumerate(zip(g_task, g_align))]
@@ -136,6 +151,10 @@ class FedPuReL(FedAvg):
     Args:
         lam: Stage-2 weight lambda of the residual CE (1 - lambda weighs the fused CE); paper 0.9, code 0.99.
         lambda_proj: projection strength of the purification (1: exactly the paper's formula).
+        align_noise_floor: no projection of a group (tensor, or the whole vector) where ``||g_align|| <=
+            align_noise_floor * ||g_task||``. 0 (default) projects on the sign alone, as the paper and the official
+            code do; 1e-4 skips the projection against rounding noise at a fresh LoRA branch (B = 0), whose first
+            step otherwise depends on the CPU's float kernels.
         purification: ``per_tensor`` (official code) or ``global`` (one vector over all phi_g tensors).
         alignment: ``tkl`` (temperature-aligned KL) or ``kl`` (plain KL at temperature 1, the paper's ablation).
         align_direction: direction of the alignment loss: ``teacher_first`` KL(z || f) (code) or ``reverse``.
@@ -175,6 +194,7 @@ class FedPuReL(FedAvg):
         self,
         lam: float = 0.9,
         lambda_proj: float = 1.0,
+        align_noise_floor: float = 0.0,
         purification: str = "per_tensor",
         alignment: str = "tkl",
         align_direction: str = "teacher_first",
@@ -207,12 +227,15 @@ class FedPuReL(FedAvg):
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if lambda_proj < 0:
             raise ValueError(f"lambda_proj must be >= 0, got {lambda_proj}")
+        if align_noise_floor < 0:
+            raise ValueError(f"align_noise_floor must be >= 0, got {align_noise_floor}")
         if not 0 < tau_min < tau_max or tkl_iters < 1:
             raise ValueError("need 0 < tau_min < tau_max and tkl_iters >= 1")
         if stage2_epochs < 0 or stage2_lr <= 0:
             raise ValueError("stage2_epochs must be >= 0 and stage2_lr > 0")
         self.lam = float(lam)
         self.lambda_proj = float(lambda_proj)
+        self.align_noise_floor = float(align_noise_floor)
         self.purification = purification
         self.alignment = alignment
         self.align_direction = align_direction
@@ -323,7 +346,8 @@ class FedPuReL(FedAvg):
         task, align, parts = self.stage1_losses(x, y, ctx)
         g_align = self._grads(align, self._global_params, retain_graph=True)
         g_task = self._grads(task, self._global_params, retain_graph=False)
-        g_tilde, conflict = purify(g_task, g_align, self.purification, self.lambda_proj)
+        g_tilde, conflict = purify(g_task, g_align, self.purification, self.lambda_proj,
+                                    self.align_noise_floor)
         parts["conflict"] = conflict.float().mean() if conflict.numel() else torch.zeros((), device=task.device)
         return g_tilde, task, parts
 

@@ -120,8 +120,12 @@ def test_batchnorm_model(name, tmp_path):
 def ddp_results(tmp_path_factory):
     """One 2-rank launch running every registered method with one client per round (see ddp_worker.py)."""
     out = tmp_path_factory.mktemp("ddp")
+    # A module fixture runs before the autouse cache fixture: hand the workers the session's data cache
+    # explicitly, so that both sides read the same images (a cache left by another build or kernel may differ).
+    env = {**os.environ, "FEDLT_CACHE": str(tmp_path_factory.getbasetemp() / "fedlt-cache"),
+           "WANDB_DIR": str(tmp_path_factory.getbasetemp() / "wandb")}
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ddp_worker.py")), str(out), *NAMES],
-                          capture_output=True, text=True, timeout=900, env=os.environ.copy())
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
 

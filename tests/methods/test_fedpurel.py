@@ -110,6 +110,24 @@ def test_lambda_proj_scales_the_projected_component():
     assert torch.equal(full[0], torch.tensor([0.0, 1.0]))
 
 
+@pytest.mark.parametrize("mode", ["per_tensor", "global"])
+def test_noise_floor_leaves_a_negligible_alignment_gradient_unprojected(mode):
+    g_task, g_align = _grads(3)
+    tiny = [-1e-6 * t for t in g_task]  # a sure conflict, but 1e-6 of the task gradient's norm
+    projected, conflict = purify(g_task, tiny, mode, 1.0)
+    assert bool(conflict.all()) and not all(torch.equal(o, t) for o, t in zip(projected, g_task))
+    kept, conflict = purify(g_task, tiny, mode, 1.0, noise_floor=1e-4)
+    assert not bool(conflict.any()) and all(torch.equal(o, t) for o, t in zip(kept, g_task))
+    # Above the floor the rule is unchanged: the same decisions and values as without a floor.
+    big = [-0.5 * t + 0.1 * a for t, a in zip(g_task, g_align)]
+    ref, c_ref = purify(g_task, big, mode, 1.0)
+    out, c_out = purify(g_task, big, mode, 1.0, noise_floor=1e-4)
+    assert torch.equal(c_ref, c_out) and bool(c_out.any())
+    assert all(torch.equal(a, b) for a, b in zip(ref, out))
+    with pytest.raises(ValueError, match="noise_floor"):
+        purify(g_task, big, mode, 1.0, noise_floor=-1.0)
+
+
 # -- TKL (4.9-2) ---------------------------------------------------------------------------------------------
 def _logits(seed: int, n: int = 32, c: int = 10, scale: float = 3.0) -> torch.Tensor:
     return torch.randn(n, c, generator=torch.Generator().manual_seed(seed)) * scale
@@ -172,6 +190,22 @@ def test_tkl_gradient_flows_through_f_with_constant_temperatures():
 
 
 # -- a hand-written Stage-1 step ------------------------------------------------------------------------------
+def _away_from_zero_shot(sim, scale: float = 0.05, seed: int = 1234) -> None:
+    """Moves a fresh LoRA branch off B = 0 with seeded noise. At B = 0 the student equals the zero-shot teacher up
+    to rounding (TKL ~ 1e-9, g_align ~ 1e-7 of g_task), so the sign test of purification reads float noise that
+    differs between CPU kernels and thread counts; a comparison there tests nothing but the kernels."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sim.model.peft["global"].named_parameters():
+            if name.endswith("_B"):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _cosines(g_task: list[torch.Tensor], g_align: list[torch.Tensor]) -> list[float]:
+    return [float(F.cosine_similarity(t.double().flatten(), a.double().flatten(), dim=0)) for t, a in
+            zip(g_task, g_align)]
+
+
 def _hand_tkl(f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """TKL written out directly: a scalar bisection per sample, teacher-first KL, clamped probabilities."""
     rows = []
@@ -199,6 +233,7 @@ def test_hand_written_stage1_step_equals_the_methods_step(tmp_path, peft):
     sim = _sim(tmp_path, "--method.init_args.lr", "0.05", peft=peft, model_kwargs="lora_dropout: 0.0")
     m, clip = sim.method, sim.model
     sim.load_client(0)
+    _away_from_zero_shot(sim)
     x, y = _batch(sim)
     params = m._global_params
     start = [p.detach().clone() for p in params]
@@ -211,6 +246,11 @@ def test_hand_written_stage1_step_equals_the_methods_step(tmp_path, peft):
             p.grad = None
         loss.backward(retain_graph=True)
         grads[name] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    cos = _cosines(grads["task"], grads["align"])
+    # Away from a degenerate point: every sign decision has a margin far above rounding; with LoRA's 12 tensors
+    # both branches occur (prompt PEFT has one tensor, the context, which agrees with the teacher here).
+    assert min(abs(c) for c in cos) > 0.05, cos
+    assert any(c > 0 for c in cos) and (peft == "prompt" or any(c < 0 for c in cos)), cos
     expected = []
     for p0, gt, ga in zip(start, grads["task"], grads["align"]):
         cos = F.cosine_similarity(gt.flatten(), ga.flatten(), dim=0)
@@ -233,16 +273,39 @@ def test_hand_written_stage1_step_equals_the_methods_step(tmp_path, peft):
     assert moved
 
 
+def test_noise_floor_skips_the_projection_at_a_fresh_lora_branch(tmp_path):
+    """At B = 0 the alignment gradient is rounding noise: with ``align_noise_floor`` no tensor is projected, and the
+    step is plain SGD on the task gradient, whatever the CPU's kernels."""
+    sim = _sim(tmp_path, "--method.init_args.lr", "0.05", "--method.init_args.align_noise_floor", "1e-4",
+               peft="lora", model_kwargs="lora_dropout: 0.0")
+    m, clip = sim.method, sim.model
+    sim.load_client(0)
+    x, y = _batch(sim)
+    params = m._global_params
+    start = [p.detach().clone() for p in params]
+    g_task = torch.autograd.grad(F.cross_entropy(clip.classify(clip.encode(x, "global"), "global"), y), params,
+                                 allow_unused=True)
+    expected = [p0 - m.lr * ((torch.zeros_like(p0) if g is None else g) + m.weight_decay * p0)
+                for p0, g in zip(start, g_task)]
+    m._optimizers = m.configure_optimizers()
+    out = m.training_step((x, y), _ctx(sim, 0))
+    m._optimizers = []
+    assert float(out.parts["conflict"]) == 0.0
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-5)
+
+
 def test_gradient_scaling_gives_the_same_step(tmp_path):
     """With a gradient scaler (16-mixed), both gradients are taken of the scaled losses, purified (equivariant to a
     common scale) and unscaled by the engine's step: the update equals the unscaled one."""
     sim = _sim(tmp_path, peft="lora", model_kwargs="lora_dropout: 0.0")
     m = sim.method
     sim.load_client(0)
-    x, y = _batch(sim)
+    _away_from_zero_shot(sim)  # at B = 0 the projection decisions are rounding noise, and a non-power-of-two
+    x, y = _batch(sim)  # scale below would flip them
     start = [p.detach().clone() for p in m._global_params]
     results = []
-    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=3000.0)):  # not a power of two: scaling rounds
         with torch.no_grad():
             for p, p0 in zip(m._global_params, start):
                 p.copy_(p0)
