@@ -244,5 +244,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
-    """Console-script wrapper: exits with :func:`main`'s status."""
-    sys.exit(main())
+    """Console-script wrapper: exits with :func:`main`'s status. Output into a closed pipe (``fedlt methods |
+    head -1``) ends quietly with status 0, as ``ls | head`` does: the reader wanted no more."""
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the failed flush at exit on stderr: point stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        status = 0
+    sys.exit(status)

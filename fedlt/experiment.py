@@ -24,6 +24,7 @@ from fedlt.engine.checkpoint import (
 from fedlt.engine.simulator import Simulator
 from fedlt.methods.base import FedMethod
 from fedlt.models import build_model
+from fedlt.provenance import append_resume, environment_record, write_environment
 
 
 class UserError(Exception):
@@ -128,8 +129,10 @@ class Experiment:
             sim.load_state_dict(ckpt["simulator"])
             history = {int(r): m for r, m in ckpt["history"].items()}
             self._print(f"resumed from {ckpt_file} (round {sim.round})")
+        self._environment = self._environment_record() if self.is_rank_zero else {}
         csv_logger, wandb_logger = self._loggers(sim.round if ckpt else None, ckpt)
         self._write_run_files(sim)
+        self._record_environment(sim, ckpt_file)
         flag = PreemptionFlag().install()
         bar = ProgressBar(self.trainer_cfg.rounds, sim.round, self.logging_cfg.progress_bar and self.is_rank_zero)
         status = "failed"
@@ -215,10 +218,29 @@ class Experiment:
             wandb_logger.log_partition(summary)
         return csv_logger, wandb_logger
 
+    def _environment_record(self) -> dict[str, Any]:
+        t = self.trainer_cfg
+        device = self.fabric.device if self.fabric is not None else "cpu"
+        world = self.fabric.world_size if self.fabric is not None else 1
+        return environment_record(device, world_size=world, precision=t.precision, num_nodes=t.num_nodes)
+
+    def _record_environment(self, sim: Simulator, ckpt_file: Path | None) -> None:
+        """Rank 0: ``environment.json`` for a fresh run; a resume appends its environment to the resume log and
+        leaves the first record as it is."""
+        if not self.is_rank_zero:
+            return
+        if ckpt_file is None:
+            write_environment(self.run_dir, self._environment)
+        else:
+            append_resume(self.run_dir, {"time": self._environment["time"], "round": sim.round,
+                                         "checkpoint": str(ckpt_file), "environment": self._environment})
+
     def _wandb_config(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The resolved config with dotted keys, plus ``method`` (registry name), ``dataset`` and ``partition.*``
-        (the partitioner's name and parameters) as convenience keys for grouping runs in dashboards."""
-        extra = {"method": self.method.name, "dataset": summary.get("source"), "partition": summary.get("partition")}
+        (the partitioner's name and parameters) as convenience keys for grouping runs in dashboards, and the
+        environment record (``environment.*``: versions, host, devices, SLURM ids)."""
+        extra = {"method": self.method.name, "dataset": summary.get("source"), "partition": summary.get("partition"),
+                 "environment": self._environment}
         return {**flatten_config(_config_dict(self.config_yaml)), **flatten_config(extra)}
 
     def _write_run_files(self, sim: Simulator) -> None:

@@ -20,10 +20,13 @@ import json
 import math
 import re
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedlt.provenance import build_id, read_environments
 
 GROUPS = ("many", "medium", "few")
 _IGNORED = {"name", "run_dir", "resume", "seed", "data.seed", "data.storage", "data.source.init_args.root"}
@@ -46,6 +49,7 @@ class Run:
     series: dict[str, list[tuple[int, float]]]
     clients: list[float] | None = None
     finished: bool = True
+    environments: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -109,7 +113,7 @@ def load_run(path: Path) -> Run:
     if (path / "clients.json").is_file():
         clients = [a for a in json.loads((path / "clients.json").read_text()).get("acc", []) if a is not None]
     return Run(path, flatten(config if isinstance(config, dict) else {}), series, clients,
-               (path / "final.json").is_file())
+               (path / "final.json").is_file(), read_environments(path))
 
 
 def method_name(config: dict[str, Any]) -> str:
@@ -284,6 +288,38 @@ def summarize(runs: Sequence[Run], metric: str, mode: str, row_key: str, column_
             "_grouping": grouping, "_row_of": row_of, "_label_of": label_of}
 
 
+# -- provenance --------------------------------------------------------------------------------------------
+def software(runs: Sequence[Run]) -> dict[str, Any]:
+    """The builds behind a table: for each of fedlt (commit, or version outside a checkout) and torch, which
+    version trained which runs (every environment of a run counts: a run resumed under another build is listed
+    under both), the runs without an environment record, and one warning per field with more than one value."""
+    by_field: dict[str, dict[str, list[str]]] = {"fedlt": {}, "torch": {}}
+    unrecorded = []
+    for run in runs:
+        if not run.environments:
+            unrecorded.append(str(run.path))
+        for env in run.environments:
+            for key, value in build_id(env).items():
+                names = by_field[key].setdefault(value, [])
+                if str(run.path) not in names:
+                    names.append(str(run.path))
+    warnings = []
+    for key, versions in by_field.items():
+        if len(versions) > 1:
+            parts = "; ".join(f"{key} {v}: {', '.join(names)}" for v, names in sorted(versions.items()))
+            warnings.append(f"the cells of this table come from different {key} builds ({parts})")
+    return {"versions": by_field, "unrecorded": unrecorded, "warnings": warnings}
+
+
+def software_line(info: dict[str, Any]) -> str:
+    """``Software: fedlt 1a2b3c4d5e6f, torch 2.14.1`` (several versions joined by ``|``) for the table's foot."""
+    parts = [f"{key} {' | '.join(sorted(v))}" for key, v in info["versions"].items() if v]
+    text = "Software: " + (", ".join(parts) if parts else "not recorded")
+    if info["unrecorded"] and parts:
+        text += f" ({len(info['unrecorded'])} run(s) without an environment record)"
+    return text
+
+
 # -- command -----------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
@@ -364,18 +400,21 @@ def _report(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.inputs[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
     table = build_table(summary)
-    md = markdown(table, args.title)
+    builds = software(runs)
+    md = markdown(table, args.title) + f"\n{software_line(builds)}\n"
     (out / "table.md").write_text(md)
-    (out / "table.tex").write_text(latex(table, args.title))
+    (out / "table.tex").write_text(latex(table, args.title) + f"% {software_line(builds)}\n")
     summary["groups"] = group_stats(summary)
     plots, plot_notes = write_plots(summary, out, args.title)
     notes += plot_notes
     public = {k: v for k, v in summary.items() if not k.startswith("_")}
-    public.update(num_runs=len(runs), plots=plots, notes=notes)
+    public.update(num_runs=len(runs), plots=plots, notes=notes, software=builds)
     (out / "summary.json").write_text(json.dumps(public, indent=1, default=str))
     print(md)
     for note in notes:
         print(f"note: {note}")
+    for warning in builds["warnings"]:
+        print(f"fedlt: warning: {warning}", file=sys.stderr)
     for name in ("table.md", "table.tex", "summary.json", *(Path(p["path"]).name for p in plots.values())):
         print(f"wrote {out / name}")
     return 0
