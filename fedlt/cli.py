@@ -34,7 +34,9 @@ def _parser(command: str) -> Any:
     from fedlt.data import FederatedDataset
     from fedlt.methods import FedMethod
 
-    p = ArgumentParser(prog=f"fedlt {command}", description=COMMANDS[command], exit_on_error=False)
+    # allow_abbrev=False: --trainer.round is an error, never silently --trainer.rounds.
+    p = ArgumentParser(prog=f"fedlt {command}", description=COMMANDS[command], exit_on_error=False,
+                       allow_abbrev=False)
     p.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later ones win")
     p.add_argument("--seed", type=int, default=0, help="experiment seed")
     p.add_argument("--name", type=str, default="run", help="run name (W&B run name; default run dir runs/<name>)")

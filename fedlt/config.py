@@ -36,6 +36,15 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     eval_batch_size: int = 512
 
+    def __post_init__(self) -> None:
+        # Ranges are checked here, when the config is instantiated: before any file or W&B run exists.
+        minimum = {"rounds": 1, "clients_per_round": 1, "eval_every": 0, "devices": 1, "num_nodes": 1,
+                   "checkpoint_every": 0, "keep_checkpoints": 0, "eval_batch_size": 1}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if value < low:
+                raise ValueError(f"trainer.{name} must be >= {low}, got {value}")
+
 
 @dataclass
 class ModelConfig:

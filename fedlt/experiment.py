@@ -21,6 +21,15 @@ from fedlt.engine.checkpoint import (
     prune_checkpoints,
     save_atomic,
 )
+from fedlt.engine.collectives import any_rank
+from fedlt.engine.rundir import (
+    RESUME_ALLOWED,
+    RunDirBusy,
+    RunDirLock,
+    config_changes,
+    format_changes,
+    remove_stale_temporaries,
+)
 from fedlt.engine.simulator import Simulator
 from fedlt.methods.base import FedMethod
 from fedlt.models import build_model
@@ -119,20 +128,34 @@ class Experiment:
         return path
 
     def fit(self) -> dict[str, Any]:
-        """Trains for ``trainer.rounds`` rounds (resuming when asked) and returns the final report."""
+        """Trains for ``trainer.rounds`` rounds (resuming when asked) and returns the final report.
+
+        Everything is validated (config, data, model, checkpoint and its config) before the run directory is
+        touched; then rank 0 takes the run directory's lock, removes stale temporary files and writes the run
+        files (a fresh run) or appends to the resume log (a resume)."""
         ckpt_file = self._resume_checkpoint()
+        ckpt = _read_checkpoint(ckpt_file) if ckpt_file is not None else None
+        changes = self._resume_changes(ckpt, ckpt_file) if ckpt is not None else {}
         self.launch()
         sim = self.build_simulator()
-        ckpt = _read_checkpoint(ckpt_file) if ckpt_file is not None else None
         history: dict[int, dict[str, float]] = {}
         if ckpt is not None:
             sim.load_state_dict(ckpt["simulator"])
             history = {int(r): m for r, m in ckpt["history"].items()}
+        lock = self._lock_run_dir(ckpt_file)
+        try:
+            return self._fit_locked(sim, ckpt, ckpt_file, history, changes)
+        finally:
+            lock.release()
+
+    def _fit_locked(self, sim: Simulator, ckpt: dict | None, ckpt_file: Path | None, history: dict,
+                    changes: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+        if ckpt is not None:
             self._print(f"resumed from {ckpt_file} (round {sim.round})")
         self._environment = self._environment_record() if self.is_rank_zero else {}
+        self._write_run_files(sim, fresh=ckpt is None)
+        self._record_environment(sim, ckpt_file, changes)
         csv_logger, wandb_logger = self._loggers(sim.round if ckpt else None, ckpt)
-        self._write_run_files(sim)
-        self._record_environment(sim, ckpt_file)
         flag = PreemptionFlag().install()
         bar = ProgressBar(self.trainer_cfg.rounds, sim.round, self.logging_cfg.progress_bar and self.is_rank_zero)
         status = "failed"
@@ -166,6 +189,46 @@ class Experiment:
                 self._print("after the post-training stage:\n" + format_table(final_report({sim.round: post}, last=1)))
         _finalize(csv_logger, wandb_logger)
         return report
+
+    def _resume_changes(self, ckpt: dict[str, Any], ckpt_file: Path | None) -> dict[str, tuple[Any, Any]]:
+        """The resume guard: the config may differ from the checkpoint's only in fields that cannot change the
+        result (:data:`fedlt.engine.rundir.RESUME_ALLOWED`); returns those differences, refuses any other."""
+        stored = ckpt.get("config")
+        if not isinstance(stored, str):
+            raise UserError(f"checkpoint {ckpt_file} holds no config to compare with; it cannot be resumed safely")
+        allowed, refused = config_changes(stored, self.config_yaml)
+        if refused:
+            rnd = ckpt["simulator"]["round"]
+            raise UserError(
+                f"--resume: the config differs from the one that trained {ckpt_file} (round {rnd})"
+                f" in settings that change the result:\n{format_changes(refused)}\nResume with the original values, "
+                "or start a new run (another --run_dir). A resume may change only: "
+                + ", ".join(a + "*" if a.endswith(".") else a for a in RESUME_ALLOWED))
+        rounds = int(ckpt["simulator"]["round"])
+        if self.trainer_cfg.rounds < rounds:
+            raise UserError(f"--trainer.rounds {self.trainer_cfg.rounds}: the checkpoint {ckpt_file} is already at "
+                            f"round {rounds}; pass at least that many rounds")
+        return allowed
+
+    def _lock_run_dir(self, ckpt_file: Path | None) -> RunDirLock:
+        """Rank 0 takes the run directory's lock (all ranks agree whether it could), then checks that no other
+        process changed what this run decided on before it held the lock (fresh vs. resume)."""
+        lock = RunDirLock(self.run_dir)
+        problem = None
+        if self.is_rank_zero:
+            try:
+                lock.acquire()
+                if ckpt_file is None and latest_checkpoint(self.run_dir) is not None:
+                    problem = (f"run directory {self.run_dir} gained checkpoints while this run started; "
+                               "continue it with --resume auto")
+            except RunDirBusy as err:
+                problem = str(err)
+        if any_rank(self.fabric, problem is not None):
+            lock.release()  # a no-op unless this process took it: a busy directory keeps its holder's note
+            raise UserError(problem or f"rank 0 could not take the run directory {self.run_dir}")
+        if self.is_rank_zero:
+            remove_stale_temporaries(self.run_dir)
+        return lock
 
     def _loop(self, sim: Simulator, history: dict, bar: ProgressBar, flag: PreemptionFlag,
               csv_logger: Any, wandb_logger: Any) -> None:
@@ -224,16 +287,19 @@ class Experiment:
         world = self.fabric.world_size if self.fabric is not None else 1
         return environment_record(device, world_size=world, precision=t.precision, num_nodes=t.num_nodes)
 
-    def _record_environment(self, sim: Simulator, ckpt_file: Path | None) -> None:
-        """Rank 0: ``environment.json`` for a fresh run; a resume appends its environment to the resume log and
-        leaves the first record as it is."""
+    def _record_environment(self, sim: Simulator, ckpt_file: Path | None,
+                            changes: dict[str, tuple[Any, Any]]) -> None:
+        """Rank 0: ``environment.json`` for a fresh run; a resume appends to the resume log when, from which round
+        and checkpoint, the allowed settings it changed and its environment, and leaves the first record as is."""
         if not self.is_rank_zero:
             return
         if ckpt_file is None:
             write_environment(self.run_dir, self._environment)
         else:
             append_resume(self.run_dir, {"time": self._environment["time"], "round": sim.round,
-                                         "checkpoint": str(ckpt_file), "environment": self._environment})
+                                         "checkpoint": str(ckpt_file),
+                                         "changes": {k: list(v) for k, v in changes.items()},
+                                         "environment": self._environment})
 
     def _wandb_config(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The resolved config with dotted keys, plus ``method`` (registry name), ``dataset`` and ``partition.*``
@@ -243,12 +309,14 @@ class Experiment:
                  "environment": self._environment}
         return {**flatten_config(_config_dict(self.config_yaml)), **flatten_config(extra)}
 
-    def _write_run_files(self, sim: Simulator) -> None:
+    def _write_run_files(self, sim: Simulator, fresh: bool) -> None:
+        """A fresh run writes ``config.yaml`` and ``partition.json`` once; a resume never rewrites them."""
         if not self.is_rank_zero:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(self.config_yaml)
-        self.data.save_summary(self.run_dir / "partition.json")
+        if fresh:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.run_dir / "config.yaml", self.config_yaml)
+            self.data.save_summary(self.run_dir / "partition.json")
         s = self.data.summary()
         groups = s.get("group_sizes", {})
         self._print(
@@ -287,6 +355,12 @@ class Experiment:
             plot_partition(summary, plot)
             print(f"partition plot written to {plot}")
         return summary
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _finalize(*loggers: Any, status: str = "success") -> None:
