@@ -384,7 +384,7 @@ def _select_runs(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
 
 def _report(args: argparse.Namespace) -> int:
     from fedlt.report_plots import group_stats, write_plots
-    from fedlt.report_tables import build_table, latex, markdown
+    from fedlt.report_tables import build_table, latex, markdown, tex_escape
 
     reduce_series([], args.reduce)  # validates --reduce before reading anything
     runs, notes = _select_runs(args)
@@ -403,7 +403,7 @@ def _report(args: argparse.Namespace) -> int:
     builds = software(runs)
     md = markdown(table, args.title) + f"\n{software_line(builds)}\n"
     (out / "table.md").write_text(md)
-    (out / "table.tex").write_text(latex(table, args.title) + f"% {software_line(builds)}\n")
+    (out / "table.tex").write_text(latex(table, args.title) + f"% {tex_escape(software_line(builds))}\n")
     summary["groups"] = group_stats(summary)
     plots, plot_notes = write_plots(summary, out, args.title)
     notes += plot_notes

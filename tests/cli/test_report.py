@@ -96,9 +96,10 @@ def test_latex_table_is_escaped_and_matches(sweep, tmp_path):
     tex = (out / "table.tex").read_text()
     lines = tex.splitlines()
     assert lines[0] == r"% IF\_100 \& 5\% (a\#1)"
-    assert lines[2] == r"\begin{tabular}{lcc}" and lines[3] == r"\toprule" and lines[-1] == r"\end{tabular}"
+    assert lines[2] == r"\begin{tabular}{lcc}" and lines[3] == r"\toprule" and lines[-2] == r"\end{tabular}"
+    assert lines[-1] == "% Software: not recorded"  # these hand-written runs have no environment.json
     assert lines[4] == r"method & alpha=0.5, imbalance\_factor=100 & alpha=1, imbalance\_factor=100 \\"
-    assert lines[5] == r"\midrule" and lines[-2] == r"\bottomrule"
+    assert lines[5] == r"\midrule" and lines[-3] == r"\bottomrule"
     assert lines[6] == r"FedAvg & $62.00 \pm 1.41$ & $\mathbf{81.00 \pm 0.00}$ \\"
     assert lines[7] == r"FedProx & $\mathbf{73.00 \pm 2.83}$ & $51.00 \pm 0.00$ (n=1) \\"
     body = "\n".join(line.removeprefix("% ") for line in lines).replace(" & ", " ").replace("\\\\", "")
