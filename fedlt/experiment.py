@@ -17,6 +17,7 @@ from fedlt.engine.checkpoint import (
     PreemptionFlag,
     checkpoint_path,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     save_atomic,
@@ -151,6 +152,10 @@ class Experiment:
     def _fit_locked(self, sim: Simulator, ckpt: dict | None, ckpt_file: Path | None, history: dict,
                     changes: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
         if ckpt is not None:
+            if self.is_rank_zero:
+                sim.store.discard_after(sim.round)  # disk state a killed process wrote after the checkpoint
+            if self.fabric is not None and self.fabric.world_size > 1:
+                self.fabric.barrier()
             self._print(f"resumed from {ckpt_file} (round {sim.round})")
         self._environment = self._environment_record() if self.is_rank_zero else {}
         self._write_run_files(sim, fresh=ckpt is None)
@@ -171,6 +176,15 @@ class Experiment:
             _finalize(csv_logger, wandb_logger)
             self._print(f"preempted: checkpoint written at round {sim.round}; continue with --resume auto")
             return {"preempted": True, "round": sim.round}
+        report = self._finish(sim, history, wandb_logger)
+        _finalize(csv_logger, wandb_logger)
+        return report
+
+    def _finish(self, sim: Simulator, history: dict, wandb_logger: Any) -> dict[str, Any]:
+        """After the last round: post-training stages, the final report, ``final.json`` and ``clients.json``."""
+        # Post-training stages write the client store as a version after the last round: a crash in them and a
+        # resume start again from the last checkpoint's client state.
+        sim.store.begin_round(sim.round + 1)
         post = sim.evaluate() if sim.method.on_fit_end(sim) else None
         report = final_report(history)
         if post is not None:
@@ -187,7 +201,6 @@ class Experiment:
             self._print(format_table(report))
             if post is not None:
                 self._print("after the post-training stage:\n" + format_table(final_report({sim.round: post}, last=1)))
-        _finalize(csv_logger, wandb_logger)
         return report
 
     def _resume_changes(self, ckpt: dict[str, Any], ckpt_file: Path | None) -> dict[str, tuple[Any, Any]]:
@@ -205,6 +218,11 @@ class Experiment:
                 "or start a new run (another --run_dir). A resume may change only: "
                 + ", ".join(a + "*" if a.endswith(".") else a for a in RESUME_ALLOWED))
         rounds = int(ckpt["simulator"]["round"])
+        later = [r for r, _ in list_checkpoints(self.run_dir) if r > rounds]
+        if later and self.trainer_cfg.client_state == "disk":
+            raise UserError(f"--resume {ckpt_file}: the run directory holds later checkpoints (rounds "
+                            f"{', '.join(map(str, later))}), and resuming from an earlier one discards the disk client "
+                            "state they need. Resume from the latest (--resume auto), or move the later ones away.")
         if self.trainer_cfg.rounds < rounds:
             raise UserError(f"--trainer.rounds {self.trainer_cfg.rounds}: the checkpoint {ckpt_file} is already at "
                             f"round {rounds}; pass at least that many rounds")
@@ -259,6 +277,9 @@ class Experiment:
             prune_checkpoints(self.run_dir, self.trainer_cfg.keep_checkpoints)
         if self.fabric is not None and self.fabric.world_size > 1:
             self.fabric.barrier()
+        kept = list_checkpoints(self.run_dir) if self.trainer_cfg.keep_checkpoints > 0 else []
+        if kept:  # disk client state: versions that no kept checkpoint can need may go
+            sim.store.retain_from(kept[0][0])
 
     def _loggers(self, resume_round: int | None, ckpt: dict | None) -> tuple[Any, Any]:
         """Rank 0's CSV and W&B loggers (``None`` elsewhere); a resumed run continues its W&B run."""

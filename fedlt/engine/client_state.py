@@ -4,13 +4,15 @@ Three storage modes trade memory for speed:
 
 * ``memory`` keeps every client's tensors on the training device (fastest; small personal state only);
 * ``cpu`` keeps them in host memory (default for anything larger than a head);
-* ``disk`` keeps one file per client under a directory (any size; with several ranks the directory must be
+* ``disk`` keeps one folder per client under a directory (any size; with several ranks the directory must be
   shared by them, as a run directory on a cluster file system is).
 
-In ``memory`` and ``cpu`` modes every rank holds the same store: after each round the ranks exchange the states
-their clients produced with one sum all-reduce (a client may train on rank 0 one round and rank 1 the next).
-That exchange requires every client's state to have the keys and shapes of the template the method declares
-(``set_template``), which holds for all methods that keep per-client copies of fixed-shape tensors.
+Disk state is versioned by round, so that it is always consistent with the checkpoint a run resumes from: a put
+in round r writes ``<client>/r<r>.pt`` (atomically), and a get in round r reads the newest version written in a
+round <= r. A resume first discards the versions of rounds past its checkpoint (``discard_after``: a killed
+process wrote them for rounds that the resumed run trains again). A put removes the client's versions that no kept
+checkpoint can need (older than the newest one at or before the round given to ``retain_from``), so a client
+keeps about ``keep_checkpoints + 1`` files at most.
 """
 
 from __future__ import annotations
@@ -50,16 +52,57 @@ class ClientStateStore:
         self._home = self.device if mode == "memory" else torch.device("cpu")
         self._layout: FlatLayout | None = None
         self._dtypes: dict[str, torch.dtype] = {}
+        self.round = 0  # the round being trained (disk versions); the last completed one between rounds
+        self._retain = 0  # disk: versions older than the newest one at or before this round are not needed
 
-    def _path(self, client_id: int) -> Path:
+    def begin_round(self, round: int) -> None:
+        """Puts from now on belong to ``round``; gets read versions written in rounds <= ``round``."""
+        self.round = int(round)
+
+    def retain_from(self, round: int) -> None:
+        """The oldest round a run may still resume from (its oldest kept checkpoint; 0 keeps every version)."""
+        self._retain = int(round)
+
+    def discard_after(self, round: int) -> int:
+        """Disk: deletes every client's versions of rounds after ``round`` (call on one rank, holding the run
+        directory, before training resumes from the checkpoint of ``round``). Returns how many were deleted."""
+        if self.mode != "disk" or self.directory is None or not self.directory.is_dir():
+            return 0
+        removed = 0
+        for folder in self.directory.iterdir():
+            if not folder.name.startswith("client_") or not folder.is_dir():
+                continue
+            for r, path in self._versions(int(folder.name.removeprefix("client_"))):
+                if r > round:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def _folder(self, client_id: int) -> Path:
         assert self.directory is not None
-        return self.directory / f"client_{client_id:06d}.pt"
+        return self.directory / f"client_{client_id:06d}"
+
+    def _versions(self, client_id: int) -> list[tuple[int, Path]]:
+        folder = self._folder(client_id)
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in names:
+            if name.startswith("r") and name.endswith(".pt") and name[1:-3].isdigit():
+                found.append((int(name[1:-3]), folder / name))
+        return sorted(found)
+
+    def _current(self, client_id: int) -> Path | None:
+        usable = [p for r, p in self._versions(client_id) if r <= self.round]
+        return usable[-1] if usable else None
 
     def get(self, client_id: int) -> dict[str, Tensor]:
         """The client's stored tensors on ``device`` (an empty dict for a client never stored)."""
         if self.mode == "disk":
-            path = self._path(client_id)
-            if not path.exists():
+            path = self._current(client_id)
+            if path is None:
                 return {}
             return torch.load(path, map_location=self.device, weights_only=True)
         state = self._mem.get(client_id)
@@ -72,18 +115,30 @@ class ClientStateStore:
         if not state:
             return
         if self.mode == "disk":
-            assert self.directory is not None
-            self.directory.mkdir(parents=True, exist_ok=True)
-            path = self._path(client_id)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-            os.replace(tmp, path)
+            self._put_disk(client_id, state)
             return
         self._mem[client_id] = {k: v.detach().to(self._home, copy=True) for k, v in state.items()}
 
+    def _put_disk(self, client_id: int, state: dict[str, Tensor]) -> None:
+        folder = self._folder(client_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"r{self.round:06d}.pt"
+        tmp = folder / f".r{self.round:06d}.pt.tmp{os.getpid()}"
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+        if self._retain <= 0:
+            return
+        # Keep every version after the oldest resumable round, and the newest one at or before it.
+        versions = self._versions(client_id)
+        base = [r for r, _ in versions if r <= self._retain]
+        keep_from = base[-1] if base else 0
+        for r, old in versions:
+            if r < keep_from:
+                old.unlink(missing_ok=True)
+
     def __contains__(self, client_id: int) -> bool:
         if self.mode == "disk":
-            return self._path(client_id).exists()
+            return self._current(client_id) is not None
         return client_id in self._mem
 
     def set_template(self, template: dict[str, Tensor]) -> None:
@@ -117,12 +172,15 @@ class ClientStateStore:
 
     def state_dict(self) -> dict[str, Any]:
         """For checkpoints: the in-memory states (disk mode lives in its directory already)."""
-        if self.mode == "disk":
-            return {"mode": "disk"}
+        if self.mode == "disk":  # the versions live in the directory; the round says which ones are current
+            return {"mode": "disk", "round": self.round}
         return {"mode": self.mode, "states": {c: {k: v.cpu() for k, v in s.items()} for c, s in self._mem.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores what ``state_dict`` returned."""
+        if state.get("mode", self.mode) != self.mode:
+            raise ValueError(f"the checkpoint's client store is {state.get('mode')!r}, this run's is {self.mode!r}")
         if self.mode == "disk":
+            self.round = int(state.get("round", 0))
             return
         self._mem = {int(c): {k: v.to(self._home) for k, v in s.items()} for c, s in state.get("states", {}).items()}

@@ -199,6 +199,7 @@ class Simulator:
         cohort = list(sampler(self.seed, round, self.data.num_clients, self.clients_per_round))
         mine = assign_to_ranks(cohort, self._sizes, self.world_size)[self.rank]
         self.reducer.begin_round(round)
+        self.store.begin_round(round)
         loss_sums: dict[str, Tensor] = {}
         client_losses: list[Tensor] = []
         total_steps = 0
@@ -311,3 +312,4 @@ class Simulator:
         self.reducer.load_state_dict(state["reducer"])
         self.method.load_server_state_dict(state["method"])
         self.store.load_state_dict(state["store"])
+        self.store.begin_round(self.round)  # disk: reads see the versions of rounds <= the checkpoint's

@@ -110,3 +110,25 @@ def test_checkpoints_are_atomic_listed_and_pruned(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["round_00002.ckpt", "round_00003.ckpt"]  # no temporary file left behind
     assert latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_disk_store_reads_the_versions_of_the_resumed_round(tmp_path):
+    """A put in round r writes version r; after a resume at round R, versions of later rounds (left by a killed
+    process) are never read, and versions no kept checkpoint can need are removed."""
+    store = ClientStateStore("disk", "cpu", tmp_path / "s")
+    for r in (1, 2, 3):
+        store.begin_round(r)
+        store.put(5, {"w": torch.full((2,), float(r))})
+    assert float(store.get(5)["w"][0]) == 3.0
+    resumed = ClientStateStore("disk", "cpu", tmp_path / "s")
+    resumed.load_state_dict({"mode": "disk", "round": 2})  # the checkpoint of round 2; round 3 was never committed
+    assert float(resumed.get(5)["w"][0]) == 2.0
+    assert resumed.discard_after(2) == 1
+    resumed.begin_round(3)
+    assert float(resumed.get(5)["w"][0]) == 2.0  # the rerun of round 3 starts from round 2's state
+    resumed.retain_from(2)
+    resumed.put(5, {"w": torch.full((2,), 30.0)})
+    assert float(resumed.get(5)["w"][0]) == 30.0
+    assert sorted(p.name for p in (tmp_path / "s" / "client_000005").iterdir()) == ["r000002.pt", "r000003.pt"]
+    with pytest.raises(ValueError, match="client store"):
+        resumed.load_state_dict({"mode": "cpu", "states": {}})
