@@ -236,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return cmd_report(rest)
     handler: Callable[[str, Sequence[str]], int] = _run_command
+    # fit: from here on SIGTERM/SIGUSR1 (SLURM's preemption signals) never kill fedlt with the default action:
+    # caught during the imports and parsing, they reach fit's own handler, which stops before writing anything.
+    from fedlt.signals import PreemptionFlag
+
+    flag = PreemptionFlag().install() if command == "fit" else None
     try:
         return handler(command, rest)
     except _user_errors() as err:
@@ -243,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedlt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if flag is not None:
+            flag.uninstall()
 
 
 def entrypoint() -> None:

@@ -23,6 +23,7 @@ from fedlt.engine.checkpoint import (
     save_atomic,
 )
 from fedlt.engine.collectives import any_rank
+from fedlt.engine.local_loop import NonFiniteLossError
 from fedlt.engine.rundir import (
     RESUME_ALLOWED,
     RunDirBusy,
@@ -134,23 +135,32 @@ class Experiment:
         Everything is validated (config, data, model, checkpoint and its config) before the run directory is
         touched; then rank 0 takes the run directory's lock, removes stale temporary files and writes the run
         files (a fresh run) or appends to the resume log (a resume)."""
-        ckpt_file = self._resume_checkpoint()
-        ckpt = _read_checkpoint(ckpt_file) if ckpt_file is not None else None
-        changes = self._resume_changes(ckpt, ckpt_file) if ckpt is not None else {}
-        self.launch()
-        sim = self.build_simulator()
-        history: dict[int, dict[str, float]] = {}
-        if ckpt is not None:
-            sim.load_state_dict(ckpt["simulator"])
-            history = {int(r): m for r, m in ckpt["history"].items()}
-        lock = self._lock_run_dir(ckpt_file)
+        # SIGTERM/SIGUSR1 from here on end with exit status 3 (so SLURM requeues): before round 1 at once, with
+        # nothing to checkpoint; later at the next round boundary. The handlers live exactly as long as fit.
+        flag = PreemptionFlag().install()
         try:
-            return self._fit_locked(sim, ckpt, ckpt_file, history, changes)
+            ckpt_file = self._resume_checkpoint()
+            ckpt = _read_checkpoint(ckpt_file) if ckpt_file is not None else None
+            changes = self._resume_changes(ckpt, ckpt_file) if ckpt is not None else {}
+            self.launch()
+            sim = self.build_simulator()
+            history: dict[int, dict[str, float]] = {}
+            if ckpt is not None:
+                sim.load_state_dict(ckpt["simulator"])
+                history = {int(r): m for r, m in ckpt["history"].items()}
+            if sim.preempted(flag.raised):
+                self._print("preempted during start-up, before anything was written; rerun with --resume auto")
+                return {"preempted": True, "round": sim.round}
+            lock = self._lock_run_dir(ckpt_file)
+            try:
+                return self._fit_locked(sim, ckpt, ckpt_file, history, changes, flag)
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            flag.uninstall()
 
     def _fit_locked(self, sim: Simulator, ckpt: dict | None, ckpt_file: Path | None, history: dict,
-                    changes: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+                    changes: dict[str, tuple[Any, Any]], flag: PreemptionFlag) -> dict[str, Any]:
         if ckpt is not None:
             if self.is_rank_zero:
                 sim.store.discard_after(sim.round)  # disk state a killed process wrote after the checkpoint
@@ -161,15 +171,18 @@ class Experiment:
         self._write_run_files(sim, fresh=ckpt is None)
         self._record_environment(sim, ckpt_file, changes)
         csv_logger, wandb_logger = self._loggers(sim.round if ckpt else None, ckpt)
-        flag = PreemptionFlag().install()
         bar = ProgressBar(self.trainer_cfg.rounds, sim.round, self.logging_cfg.progress_bar and self.is_rank_zero)
         status = "failed"
         try:
             self._loop(sim, history, bar, flag, csv_logger, wandb_logger)
             status = "success"
+        except NonFiniteLossError as err:
+            latest = latest_checkpoint(self.run_dir)
+            kept = (f"the last good checkpoint, {latest}, is kept" if latest is not None else
+                    "no checkpoint exists yet and none was written")
+            raise NonFiniteLossError(f"{err} {kept[0].upper()}{kept[1:]}.") from None
         finally:
             bar.close()
-            flag.uninstall()
             if status == "failed":  # on success the loggers close after the final report (the W&B summary)
                 _finalize(csv_logger, wandb_logger, status=status)
         if sim.round < self.trainer_cfg.rounds:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedlt.signals import PreemptionFlag
+
+__all__ = ["PreemptionFlag", "checkpoint_path", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+           "prune_checkpoints", "save_atomic"]
 
 CKPT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"round_(\d+)\.ckpt$")
@@ -60,37 +64,3 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Loads a checkpoint on the CPU."""
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-class PreemptionFlag:
-    """Installs SIGTERM/SIGUSR1 handlers that only set a flag; the round loop checks it at round boundaries,
-    writes a checkpoint and exits cleanly (SLURM sends SIGUSR1 before the time limit with ``--signal``)."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    @property
-    def raised(self) -> bool:
-        return self.signum is not None
-
-    def install(self) -> PreemptionFlag:
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is None:
-                continue
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not in the main thread (e.g. under some test runners): no handler
-                pass
-        return self
-
-    def uninstall(self) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev)
-        self._previous.clear()

@@ -211,7 +211,8 @@ class Simulator:
             for k, v in sums.items():
                 loss_sums[k] = loss_sums[k] + v if k in loss_sums else v
         # Agree on the loss (and on a non-finite one) across ranks before touching the global state.
-        metrics = self._train_metrics(loss_sums, total_steps, self._first_non_finite(mine, client_losses))
+        metrics = self._train_metrics(loss_sums, total_steps, self._non_finite_flags(cohort, mine, client_losses),
+                                      cohort)
         self.reducer.reduce(self.fabric)
         self.reducer.server_step(round)
         if self.method.runs_after_aggregation:
@@ -242,15 +243,19 @@ class Simulator:
             persistent.update(ctx.state)
             self.store.put(cid, persistent)
 
-    @staticmethod
-    def _first_non_finite(clients: list[int], losses: list[Tensor]) -> int:
-        """The first client whose loss is NaN/inf, or -1 (one device sync per round, not per client)."""
-        if not losses:
-            return -1
-        bad = (~torch.isfinite(torch.stack(losses))).nonzero()
-        return clients[int(bad[0])] if bad.numel() else -1
+    def _non_finite_flags(self, cohort: list[int], mine: list[int], losses: list[Tensor]) -> Tensor:
+        """One flag per cohort position: 1 where this rank's client had a NaN/inf loss (one device sync per round,
+        not per client). Summed over ranks, the flags name the same clients whatever the world size."""
+        flags = torch.zeros(len(cohort), device=self.device)
+        if losses:
+            bad = ~torch.isfinite(torch.stack(losses).float())
+            position = {cid: i for i, cid in enumerate(cohort)}
+            rows = torch.tensor([position[c] for c in mine], device=self.device)
+            flags[rows] = bad.float()
+        return flags
 
-    def _train_metrics(self, loss_sums: dict[str, Tensor], steps: int, bad_client: int) -> dict[str, float]:
+    def _train_metrics(self, loss_sums: dict[str, Tensor], steps: int, bad: Tensor,
+                       cohort: list[int]) -> dict[str, float]:
         """Mean loss parts over all steps of all clients of the round (one tiny all-reduce across ranks).
 
         The part names are agreed across ranks (a rank without clients does not know them) and cached; a rank
@@ -261,29 +266,35 @@ class Simulator:
             NonFiniteLossError: on every rank, when any client's loss was NaN or infinite.
         """
         names = self._loss_names if self.world_size > 1 else sorted(loss_sums)
-        values = self._reduce_losses(names, loss_sums, steps, bad_client)
-        if values[-3] > 0:  # some rank has a part name the others do not know yet
+        values, flags = self._reduce_losses(names, loss_sums, steps, bad)
+        if values[-2] > 0:  # some rank has a part name the others do not know yet
             gathered: list[list[str]] = [[] for _ in range(self.world_size)]
             torch.distributed.all_gather_object(gathered, sorted(loss_sums))
             names = self._loss_names = sorted(set(names).union(*gathered))
-            values = self._reduce_losses(names, loss_sums, steps, bad_client)
-        if values[-1] > 0:
+            values, flags = self._reduce_losses(names, loss_sums, steps, bad)
+        culprits = sorted(cid for cid, f in zip(cohort, flags) if f > 0)
+        if culprits:
+            more = f" and {len(culprits) - 1} more" if len(culprits) > 1 else ""
             raise NonFiniteLossError(
-                f"non-finite training loss in round {self.round + 1} (client {int(values[-1]) - 1}); the run stopped "
-                "and the last good checkpoint was kept. Lower the learning rate or set method.init_args.grad_clip."
+                f"non-finite training loss in round {self.round + 1} (client {culprits[0]}{more} of the cohort); "
+                "the run stopped before the round changed the global model. Lower the learning rate or set "
+                "method.init_args.grad_clip."
             )
-        n = max(values[-2], 1.0)
+        n = max(values[-1], 1.0)
         return {("train/loss" if k == "loss" else f"train/loss_{k}"): v / n for k, v in zip(names, values)}
 
-    def _reduce_losses(self, names: list[str], loss_sums: dict[str, Tensor], steps: int, bad: int) -> list[float]:
-        vec = torch.zeros(len(names) + 3, device=self.device)
+    def _reduce_losses(self, names: list[str], loss_sums: dict[str, Tensor], steps: int,
+                       bad: Tensor) -> tuple[list[float], list[float]]:
+        """One sum all-reduce of [loss parts..., unknown-name flag, steps, non-finite flags per cohort position]."""
+        vec = torch.zeros(len(names) + 2 + bad.numel(), device=self.device)
         for i, k in enumerate(names):
             if k in loss_sums:
                 vec[i] = loss_sums[k].float()
-        vec[-3] = len(set(loss_sums) - set(names))
-        vec[-2] = steps
-        vec[-1] = bad + 1
-        return all_reduce_sum_(self.fabric, torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)).tolist()
+        vec[len(names)] = len(set(loss_sums) - set(names))
+        vec[len(names) + 1] = steps
+        vec[len(names) + 2:] = bad
+        out = all_reduce_sum_(self.fabric, torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)).tolist()
+        return out[: len(names) + 2], out[len(names) + 2:]
 
     def should_evaluate(self, round: int) -> bool:
         """Evaluate every ``eval_every`` rounds and after the last one."""

@@ -180,3 +180,40 @@ def test_disk_client_state_killed_after_a_client_wrote_its_next_round_resumes_id
     assert b["rounds"] == a["rounds"] == [1, 2, 3, 4]
     for key, value in a["mean_last"].items():
         assert b["mean_last"][key] == pytest.approx(value, abs=1e-7, nan_ok=True), key
+
+
+def _nan_message(text: str) -> tuple[int, int]:
+    import re
+
+    m = re.search(r"non-finite training loss in round (\d+) \(client (\d+)", text)
+    assert m, text
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_the_nan_report_names_the_first_bad_cohort_client_the_same_with_two_ranks(tmp_path, capsys):
+    from fedlt.engine.sharding import sample_cohort
+
+    args = ("--trainer.rounds", "3", "--method.init_args.lr", "1e12", "--logging.wandb", "false",
+            "--trainer.clients_per_round", "4")
+    assert _fit(tmp_path / "one", *args) == 2
+    err = capsys.readouterr().err
+    rnd, client = _nan_message(err)
+    assert client in sample_cohort(0, rnd, 8, 4)
+    if rnd == 1:
+        assert "No checkpoint exists yet and none was written" in err and not (tmp_path / "one" / "checkpoints").exists()
+    else:
+        assert f"round_{rnd - 1:05d}.ckpt, is kept" in err
+    p = _popen_fit(tmp_path / "two", *args, "--trainer.devices", "2")
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 2 and "Traceback" not in out, out
+    assert _nan_message(out) == (rnd, client)
+
+
+def test_sigterm_during_start_up_exits_3_before_anything_is_written(tmp_path):
+    run = tmp_path / "run"
+    p = _popen_fit(run, "--logging.wandb", "false")
+    time.sleep(1.0)  # inside the imports of torch and Lightning: the command line's handler is already there
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 3, out
+    assert "preempted" in out and not run.exists()
