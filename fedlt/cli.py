@@ -212,6 +212,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             PretrainedWeightsUnavailable, NonFiniteLossError, ValueError, FileNotFoundError)
 
 
+_ENVIRONMENT_ERRNOS = {28, 122, 30, 13, 1}  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM
+
+
+def _environment_message(err: OSError) -> str:
+    """A file-system fault as a sentence naming the path, the file system and what to do."""
+    import errno
+    import shutil
+
+    path = err.filename or "?"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = os.path.dirname(os.path.abspath(str(path)))
+        while where and not os.path.exists(where):
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free / 2**20 if where else float("nan")
+        needed = getattr(err, "needed", None)  # fedlt's WriteError knows the size of what it wrote
+        size = f"{needed / 2**20:.2f} MiB needed, " if needed else ""
+        return (f"cannot write {path}: {err.strerror} ({size}{free:.2f} MiB free on the file system of {where}). Free "
+                "space or pick a --run_dir on a larger disk; the partial file was removed, and the run resumes from "
+                "its last checkpoint with --resume auto.")
+    return (f"cannot write {path}: {err.strerror}. Make the run directory writable, or pick another --run_dir "
+            "(or --name).")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedlt`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -235,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedlt.report import cmd_report
 
         return cmd_report(rest)
+    return _guarded(command, rest)
+
+
+def _guarded(command: str, rest: Sequence[str]) -> int:
+    """fit / validate / partition with the error policy: user and environment errors -> message and status 2."""
     handler: Callable[[str, Sequence[str]], int] = _run_command
     # fit: from here on SIGTERM/SIGUSR1 (SLURM's preemption signals) never kill fedlt with the default action:
     # caught during the imports and parsing, they reach fit's own handler, which stops before writing anything.
@@ -245,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(command, rest)
     except _user_errors() as err:
         return _usage_error(str(err))
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise  # not the environment's fault: keep the traceback
+        return _usage_error(_environment_message(err))
     except KeyboardInterrupt:
         print("fedlt: interrupted", file=sys.stderr)
         return 130

@@ -81,6 +81,10 @@ class Experiment:
         from lightning.fabric import Fabric
 
         t = self.trainer_cfg
+        if str(t.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise UserError(f"--trainer.accelerator {t.accelerator}: no CUDA GPU is visible to this process "
+                            "(torch.cuda.is_available() is False). Use --trainer.accelerator cpu (or auto), or run on "
+                            "a GPU node with a CUDA build of torch.")
         world = t.devices * t.num_nodes
         strategy = "ddp" if world > 1 else "auto"
         self.fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
@@ -393,8 +397,12 @@ class Experiment:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _finalize(*loggers: Any, status: str = "success") -> None:

@@ -3,6 +3,7 @@ boundary and a clean exit)."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -24,9 +25,31 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    # Serialised in memory first, then written with Python's I/O: a full disk then raises OSError(ENOSPC) naming
+    # the file (torch.save straight to a file turns it into an opaque RuntimeError).
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial file behind
+        raise WriteError(err.errno, err.strerror, str(path), needed=buffer.getbuffer().nbytes) from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+class WriteError(OSError):
+    """A file could not be written (full disk, read-only file system, ...); ``needed`` is its size in bytes."""
+
+    def __init__(self, errno: int | None, strerror: str | None, filename: str, needed: int | None = None) -> None:
+        super().__init__(errno, strerror, filename)
+        self.needed = needed
 
 
 def checkpoint_path(run_dir: str | Path, round: int) -> Path:

@@ -64,8 +64,9 @@ def build_model(
 
         return TimmModel(name[len(TIMM_PREFIX) :], num_classes, in_channels, image_size, pretrained, **kwargs)
     if name.lower().startswith(CLIP_PREFIX):
-        from fedlt.models.clip import build_clip
+        from fedlt.models.clip import ClipModel, build_clip
 
+        _check_kwargs(ClipModel, name, kwargs)
         return build_clip(name[len(CLIP_PREFIX) :], num_classes, in_channels, image_size, pretrained,
                           class_names=class_names, dataset=dataset, **kwargs)
     try:
@@ -73,7 +74,24 @@ def build_model(
     except UnknownNameError as err:
         raise UnknownNameError(f"{err}; or '{TIMM_PREFIX}<timm model name>' for any timm model, or "
                                f"'{CLIP_PREFIX}<open_clip model name>' for CLIP") from None
+    _check_kwargs(builder, name, kwargs)
     return builder(num_classes, in_channels=in_channels, image_size=image_size, pretrained=pretrained, **kwargs)
+
+
+def _check_kwargs(builder: Any, name: str, kwargs: dict[str, Any]) -> None:
+    """An unknown ``model.kwargs`` key is a user error naming the valid ones (not a TypeError traceback)."""
+    import inspect
+
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    fixed = {"num_classes", "in_channels", "image_size", "pretrained", "class_names", "dataset", "name",
+             "model_name"}
+    valid = sorted(k for k, p in params.items() if k not in fixed and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise ValueError(f"model {name!r} has no argument {', '.join(map(repr, unknown))} (model.kwargs); valid: "
+                         f"{', '.join(valid) or 'none'}")
 
 
 def no_pretrained_weights(name: str, pretrained: bool) -> None:

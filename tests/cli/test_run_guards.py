@@ -217,3 +217,50 @@ def test_sigterm_during_start_up_exits_3_before_anything_is_written(tmp_path):
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 3, out
     assert "preempted" in out and not run.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model.kwargs", "{bogus: 1}"], "has no argument 'bogus'"),
+    (["--trainer.accelerator", "gpu"], "no CUDA GPU is visible"),
+])
+def test_bad_model_arguments_and_a_missing_gpu_exit_2(tmp_path, capsys, args, needle):
+    import torch
+
+    if "gpu" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    assert _fit(tmp_path / "run", *args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 5 MiB tmpfs (needs root and a mount namespace that allows it; skipped elsewhere)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_exits_2_naming_the_file_and_leaves_no_partial_file(small_disk):
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "filler").write_bytes(b"\0" * (free - 150 * 1024))  # room for about two checkpoints
+    run = small_disk / "run"
+    p = _popen_fit(run, "--trainer.rounds", "30", "--logging.wandb", "false", "--logging.progress_bar", "false")
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 2 and "Traceback" not in out, out
+    assert "No space left on device" in out and "MiB needed" in out and "checkpoints/round_" in out, out
+    assert not [x for x in run.rglob("*") if "tmp" in x.name]
+    assert list_checkpoints_of(run)  # the checkpoints that fitted are intact and resumable
+
+
+def list_checkpoints_of(run: Path) -> list[int]:
+    from fedlt.engine.checkpoint import list_checkpoints, load_checkpoint
+
+    rounds = [r for r, _ in list_checkpoints(run)]
+    for _, path in list_checkpoints(run):
+        assert load_checkpoint(path)["simulator"]["round"] in rounds
+    return rounds
