@@ -104,8 +104,45 @@ def _method_aliases(argv: list[str]) -> list[str]:
     return out
 
 
+def _config_files(argv: Sequence[str]) -> list[str]:
+    files = []
+    for i, tok in enumerate(argv):
+        if tok == "--config" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif tok.startswith("--config="):
+            files.append(tok.split("=", 1)[1])
+    return files
+
+
+def _check_config_files(argv: Sequence[str]) -> None:
+    """An empty config file, or one that is not valid YAML, is named with the line and column of the problem."""
+    import yaml
+
+    from fedlt.experiment import UserError
+
+    for name in _config_files(argv):
+        path = os.path.expanduser(name)
+        if not os.path.isfile(path):
+            continue  # jsonargparse says so (or the value is inline YAML)
+        with open(path) as f:
+            text = f.read()
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise UserError(f"config file {name}{where}: not valid YAML ({problem})") from None
+        if loaded is None:
+            raise UserError(f"config file {name} is empty (no settings, only blanks or comments)")
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {name}: expected a mapping of settings (key: value), got a "
+                            f"{type(loaded).__name__}")
+
+
 def _build(command: str, argv: Sequence[str]) -> tuple[Any, Any, Any]:
     """Parses and instantiates; returns (parser, namespace, instantiated namespace)."""
+    _check_config_files(argv)
     parser = _parser(command)
     cfg = parser.parse_args(_method_aliases(list(argv)))
     init = parser.instantiate_classes(cfg)

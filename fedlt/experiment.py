@@ -144,7 +144,7 @@ class Experiment:
         flag = PreemptionFlag().install()
         try:
             ckpt_file = self._resume_checkpoint()
-            ckpt = _read_checkpoint(ckpt_file) if ckpt_file is not None else None
+            ckpt = self._read_resume_checkpoint(ckpt_file) if ckpt_file is not None else None
             changes = self._resume_changes(ckpt, ckpt_file) if ckpt is not None else {}
             self.launch()
             sim = self.build_simulator()
@@ -219,6 +219,25 @@ class Experiment:
             if post is not None:
                 self._print("after the post-training stage:\n" + format_table(final_report({sim.round: post}, last=1)))
         return report
+
+    def _read_resume_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Reads the checkpoint to resume from; an unreadable one (truncated by a crash of the file system, say)
+        names the newest intact checkpoint of the run instead of silently falling back to it."""
+        try:
+            return _read_checkpoint(path)
+        except UserError as err:
+            intact = None
+            for _, older in reversed(list_checkpoints(self.run_dir)):
+                if older != path:
+                    try:
+                        _read_checkpoint(older)
+                    except UserError:
+                        continue
+                    intact = older
+                    break
+            hint = (f" The newest intact checkpoint is {intact}: resume from it with --resume {intact}." if intact
+                    else " No intact checkpoint is left in the run directory.")
+            raise UserError(f"{err}.{hint}") from None
 
     def _resume_changes(self, ckpt: dict[str, Any], ckpt_file: Path | None) -> dict[str, tuple[Any, Any]]:
         """The resume guard: the config may differ from the checkpoint's only in fields that cannot change the

@@ -200,7 +200,8 @@ def test_the_nan_report_names_the_first_bad_cohort_client_the_same_with_two_rank
     rnd, client = _nan_message(err)
     assert client in sample_cohort(0, rnd, 8, 4)
     if rnd == 1:
-        assert "No checkpoint exists yet and none was written" in err and not (tmp_path / "one" / "checkpoints").exists()
+        assert "No checkpoint exists yet and none was written" in err
+        assert not (tmp_path / "one" / "checkpoints").exists()
     else:
         assert f"round_{rnd - 1:05d}.ckpt, is kept" in err
     p = _popen_fit(tmp_path / "two", *args, "--trainer.devices", "2")
@@ -264,3 +265,27 @@ def list_checkpoints_of(run: Path) -> list[int]:
     for _, path in list_checkpoints(run):
         assert load_checkpoint(path)["simulator"]["round"] in rounds
     return rounds
+
+
+def test_yaml_errors_name_the_file_and_line_and_an_empty_config_says_so(tmp_path, capsys):
+    bad, empty = tmp_path / "bad.yaml", tmp_path / "empty.yaml"
+    bad.write_text("trainer:\n  rounds: 3\n  eval_every: [1\n")
+    empty.write_text("# nothing here\n\n")
+    assert main(["fit", "--config", TINY, "--config", str(bad), "--run_dir", str(tmp_path / "run")]) == 2
+    assert f"config file {bad}, line 4, column 1: not valid YAML" in capsys.readouterr().err
+    assert main(["fit", "--config", TINY, "--config", str(empty), "--run_dir", str(tmp_path / "run")]) == 2
+    assert f"config file {empty} is empty" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_truncated_latest_checkpoint_names_the_newest_intact_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _fit(run, "--trainer.rounds", "3", "--trainer.keep_checkpoints", "0", "--logging.wandb", "false") == 0
+    latest = run / "checkpoints" / "round_00003.ckpt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    before = tree_hash(run)
+    capsys.readouterr()
+    assert _fit(run, "--trainer.rounds", "4", "--resume", "auto", "--logging.wandb", "false") == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "newest intact checkpoint is" in err and "round_00002.ckpt" in err, err
+    assert tree_hash(run) == before
