@@ -152,7 +152,7 @@ class Experiment:
             if ckpt is not None:
                 sim.load_state_dict(ckpt["simulator"])
                 history = {int(r): m for r, m in ckpt["history"].items()}
-            if sim.preempted(flag.raised):
+            if any_rank(self.fabric, flag.raised):  # a signal during start-up, on any rank
                 self._print("preempted during start-up, before anything was written; rerun with --resume auto")
                 return {"preempted": True, "round": sim.round}
             lock = self._lock_run_dir(ckpt_file)

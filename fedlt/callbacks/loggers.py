@@ -8,6 +8,7 @@ import csv
 import json
 import netrc
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -175,27 +176,38 @@ class WandbFabricLogger(Logger):
 
     @property
     def experiment(self) -> Any:
-        """The ``wandb`` run, started on first use."""
-        if self._run is None:
-            import wandb
-
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        """The ``wandb`` run, started on first use; ``None`` once W&B has disabled itself (it could not write)."""
+        if self._run is None and self.mode != "disabled":
             try:
-                self._run = self._init(wandb)
-            except Exception as err:  # wandb raises its own error types for auth/network problems
-                if self.mode != "online":
-                    raise
-                # Never lose a run to the network: fall back to offline logging and say so.
-                print(f"W&B online init failed ({type(err).__name__}: {err}); logging offline instead")
-                self.mode = "offline"
-                self._run = self._init(wandb)
-            self._run_id = self._run.id
-            if self.mode == "offline":
-                sync_dir = Path(self._run.dir).parent
-                if len(list(sync_dir.parent.glob("offline-run-*"))) > 1:
-                    sync_dir = sync_dir.parent / "offline-run-*"  # a resumed run: one folder per segment, in order
-                print(f"W&B is offline (no credentials found); sync later with: wandb sync {sync_dir}")
+                self._start()
+            except Exception as err:  # wandb and the file system raise many types; none may end the training
+                # Never lose a run to W&B: metrics.csv has everything, so go on without it and say so once.
+                print(f"fedlt: warning: W&B cannot log to {self.run_dir / 'wandb'} ({type(err).__name__}: {err}); "
+                      "W&B is disabled for this run (metrics.csv and final.json still have every metric)",
+                      file=sys.stderr, flush=True)
+                self.mode = "disabled"
+                self._run = None
         return self._run
+
+    def _start(self) -> None:
+        import wandb
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._run = self._init(wandb)
+        except Exception as err:  # wandb raises its own error types for auth/network problems
+            if self.mode != "online":
+                raise
+            # Never lose a run to the network: fall back to offline logging and say so.
+            print(f"W&B online init failed ({type(err).__name__}: {err}); logging offline instead")
+            self.mode = "offline"
+            self._run = self._init(wandb)
+        self._run_id = self._run.id
+        if self.mode == "offline":
+            sync_dir = Path(self._run.dir).parent
+            if len(list(sync_dir.parent.glob("offline-run-*"))) > 1:
+                sync_dir = sync_dir.parent / "offline-run-*"  # a resumed run: one folder per segment, in order
+            print(f"W&B is offline (no credentials found); sync later with: wandb sync {sync_dir}")
 
     def _init(self, wandb: Any) -> Any:
         run = wandb.init(
@@ -208,17 +220,21 @@ class WandbFabricLogger(Logger):
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        self.experiment.config.update(params, allow_val_change=True)
+        if self.experiment is not None:
+            self.experiment.config.update(params, allow_val_change=True)
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.experiment.log(dict(metrics, round=step), step=step)
+        if self.experiment is not None:
+            self.experiment.log(dict(metrics, round=step), step=step)
 
     @rank_zero_only
     def log_partition(self, summary: dict[str, Any]) -> None:
         """Logs the partition summary: a clients x classes table, the rest (partitioner, sizes) in the run summary."""
         import wandb
 
+        if self.experiment is None:
+            return
         counts = summary.get("client_class_counts", [])
         columns = ["client"] + [f"class_{c}" for c in range(len(counts[0]) if counts else 0)]
         table = wandb.Table(columns=columns, data=[[k, *row] for k, row in enumerate(counts)])
@@ -237,6 +253,8 @@ class WandbFabricLogger(Logger):
         Args:
             report: :func:`fedlt.callbacks.report.final_report`'s dict (as written to ``final.json``).
         """
+        if self.experiment is None:
+            return
         summary = self.experiment.summary
         for part in ("mean_last", "best", "final", "post_training", "val_selected"):
             for key, value in (report.get(part) or {}).items():

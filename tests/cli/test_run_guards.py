@@ -289,3 +289,14 @@ def test_a_truncated_latest_checkpoint_names_the_newest_intact_one(tmp_path, cap
     err = capsys.readouterr().err
     assert "cannot read checkpoint" in err and "newest intact checkpoint is" in err and "round_00002.ckpt" in err, err
     assert tree_hash(run) == before
+
+
+def test_wandb_that_cannot_write_disables_itself_with_one_warning(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "wandb").write_text("a plain file where W&B wants its folder")
+    assert _fit(run, "--logging.wandb", "true", "--logging.wandb_mode", "offline") == 0
+    err = capsys.readouterr().err
+    assert err.count("W&B is disabled for this run") == 1 and "Traceback" not in err, err
+    assert json.loads((run / "final.json").read_text())["rounds"] == [1, 2]
+    assert (run / "metrics.csv").read_text().count("\n") == 3  # header + 2 rounds
