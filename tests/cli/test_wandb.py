@@ -122,6 +122,9 @@ def test_preempted_and_resumed_run_continues_the_same_wandb_run(tmp_path, runs, 
     assert second.init["id"] == first.id and second.init["resume"] == "allow"
     assert first.init["job_type"] == second.init["job_type"] == "baseline"
     assert "seed1" in second.init["tags"] and second.init["config"]["seed"] == 1
+    # The environment record rides in the W&B config (dotted keys), from each segment's own process.
+    assert first.init["config"]["environment.torch.version"] == torch.__version__
+    assert second.init["config"]["environment.world_size"] == 1
     assert [s for s, _ in first.rows()] == [1] and [s for s, _ in second.rows()] == [2, 3]
     assert not any("partition/client_class_counts" in d for _, d in second.logged)  # logged once, by the first run
     assert second.defined == [("round", None), ("*", "round")]
