@@ -22,6 +22,9 @@ class TrainerConfig:
         checkpoint_every: write a checkpoint every this many rounds (and after the last); 0 only at the end.
         keep_checkpoints: how many round checkpoints to keep (0 keeps all).
         eval_batch_size: batch size for evaluation forward passes.
+        exact_reduction: aggregate client contributions with exact, order-independent fixed-point sums, so that
+            1, 2 or N ranks give bitwise identical results; ``false`` sums in float (faster for very large models,
+            results then differ across world sizes in the last bits).
     """
 
     rounds: int = 50
@@ -35,6 +38,7 @@ class TrainerConfig:
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     eval_batch_size: int = 512
+    exact_reduction: bool = True
 
     def __post_init__(self) -> None:
         # Ranges are checked here, when the config is instantiated: before any file or W&B run exists.

@@ -105,7 +105,7 @@ class Experiment:
         sim = Simulator(self.fabric, self.data, model, self.method, rounds=t.rounds,
                         clients_per_round=t.clients_per_round, eval_every=t.eval_every, seed=self.seed,
                         client_state=t.client_state, run_dir=self.run_dir, eval_batch_size=t.eval_batch_size,
-                        precision=t.precision)
+                        precision=t.precision, exact_reduction=t.exact_reduction)
         return sim.setup()
 
     @property

@@ -104,11 +104,15 @@ class Evaluator:
         updated on this rank's shard of the test set."""
         sim = self.sim
         test = split is None
-        n = len(sim.data.test if test else split)
-        shard = torch.arange(sim.rank, n, sim.world_size, device=sim.device)
+        n, bs = len(sim.data.test if test else split), sim.eval_batch_size
+        # Whole batches go to ranks round robin: every batch is the same tensor whatever the world size, so the
+        # forward passes (and near-tie argmaxes) are bitwise those of a single process.
+        starts = range(sim.rank * bs, n, sim.world_size * bs)
+        shard = torch.cat([torch.arange(s, min(s + bs, n)) for s in starts]).to(sim.device) if starts else \
+            torch.zeros(0, dtype=torch.long, device=sim.device)
         preds = torch.zeros(n, device=sim.device)
         with sim.trainer.autocast():
-            for (x, y), start in zip(self._batches(shard, split), range(0, n, sim.eval_batch_size)):
+            for (x, y), start in zip(self._batches(shard, split), range(0, int(shard.numel()), bs)):
                 p = sim.method.predict_global(x).argmax(1)
                 if test:
                     self.gm.update(p, y)

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from fedlt.engine.client_state import ClientStateStore
-from fedlt.engine.collectives import all_reduce_sum_, any_rank
+from fedlt.engine.collectives import any_rank
 from fedlt.engine.evaluation import Evaluator
+from fedlt.engine.exact import ExactSum, ExactSumOverflow
 from fedlt.engine.local_loop import LocalTrainer, NonFiniteLossError
 from fedlt.engine.params import copy_tensors_, model_tensors, snapshot, split_keys
 from fedlt.engine.sharding import assign_to_ranks, client_seed, sample_cohort
@@ -58,6 +59,8 @@ class Simulator:
         precision: Fabric precision string (for gradient scaling).
         cohort_sampler: replaces :func:`sample_cohort` (signature ``(seed, round, num_clients, m) -> ids``).
         client_seed_fn: replaces :func:`client_seed` (signature ``(seed, round, client_id) -> int``).
+        exact_reduction: exact, order-independent sums of the client contributions (see
+            :mod:`fedlt.engine.exact`); ``False`` makes the reducer sum in float.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class Simulator:
         precision: str = "32-true",
         cohort_sampler: Callable[[int, int, int, int], Sequence[int]] | None = None,
         client_seed_fn: Callable[[int, int, int], int] | None = None,
+        exact_reduction: bool = True,
     ) -> None:
         self.fabric = fabric
         self.data = data
@@ -91,6 +95,7 @@ class Simulator:
         self.precision = precision
         self.cohort_sampler = cohort_sampler or sample_cohort
         self.client_seed_fn = client_seed_fn or client_seed
+        self.exact_reduction = exact_reduction
         self.round = 0  # last completed round
         self._loss_names: list[str] = []  # loss part names agreed across ranks
         self._is_setup = False
@@ -134,6 +139,8 @@ class Simulator:
         self._ws_personal = {k: tensors[k] for k in personal_keys}
         self._default_personal = snapshot(tensors, personal_keys)
         self.reducer = self.method.configure_reducer()
+        if not self.exact_reduction:
+            self.reducer.exact = False
         self.reducer.setup(snapshot(tensors, shared_keys), device)
         self._global_list = [self.reducer.global_state[k] for k in shared_keys]
         template = {_MODEL + k: v for k, v in self._default_personal.items()}
@@ -200,20 +207,19 @@ class Simulator:
         mine = assign_to_ranks(cohort, self._sizes, self.world_size)[self.rank]
         self.reducer.begin_round(round)
         self.store.begin_round(round)
-        loss_sums: dict[str, Tensor] = {}
-        client_losses: list[Tensor] = []
+        client_sums: list[dict[str, Tensor]] = []
         total_steps = 0
         self.model.train()
         for cid in mine:
             sums, steps = self.train_client(cid, message)
             total_steps += steps
-            client_losses.append(sum(sums.values()) if sums else torch.zeros((), device=self.device))
-            for k, v in sums.items():
-                loss_sums[k] = loss_sums[k] + v if k in loss_sums else v
+            client_sums.append(sums)
         # Agree on the loss (and on a non-finite one) across ranks before touching the global state.
-        metrics = self._train_metrics(loss_sums, total_steps, self._non_finite_flags(cohort, mine, client_losses),
-                                      cohort)
-        self.reducer.reduce(self.fabric)
+        metrics = self._train_metrics(client_sums, total_steps, cohort, mine)
+        try:
+            self.reducer.reduce(self.fabric)
+        except ExactSumOverflow as err:
+            raise NonFiniteLossError(f"round {round}: {err}") from None
         self.reducer.server_step(round)
         if self.method.runs_after_aggregation:
             self._after_aggregation(round, mine)
@@ -243,35 +249,27 @@ class Simulator:
             persistent.update(ctx.state)
             self.store.put(cid, persistent)
 
-    def _non_finite_flags(self, cohort: list[int], mine: list[int], losses: list[Tensor]) -> Tensor:
-        """One flag per cohort position: 1 where this rank's client had a NaN/inf loss (one device sync per round,
-        not per client). Summed over ranks, the flags name the same clients whatever the world size."""
-        flags = torch.zeros(len(cohort), device=self.device)
-        if losses:
-            bad = ~torch.isfinite(torch.stack(losses).float())
-            position = {cid: i for i, cid in enumerate(cohort)}
-            rows = torch.tensor([position[c] for c in mine], device=self.device)
-            flags[rows] = bad.float()
-        return flags
-
-    def _train_metrics(self, loss_sums: dict[str, Tensor], steps: int, bad: Tensor,
-                       cohort: list[int]) -> dict[str, float]:
-        """Mean loss parts over all steps of all clients of the round (one tiny all-reduce across ranks).
+    def _train_metrics(self, client_sums: list[dict[str, Tensor]], steps: int, cohort: list[int],
+                       mine: list[int]) -> dict[str, float]:
+        """Mean loss parts over all steps of all clients of the round (one tiny exact all-reduce across ranks).
 
         The part names are agreed across ranks (a rank without clients does not know them) and cached; a rank
         that sees an uncached name raises a flag inside the same all-reduce, and only then do the ranks exchange
-        names and reduce again.
+        names and reduce again. Each client's sums are one exact term, so the mean is the same bitwise for any
+        number of ranks.
 
         Raises:
-            NonFiniteLossError: on every rank, when any client's loss was NaN or infinite.
+            NonFiniteLossError: on every rank, when any client's loss was NaN or infinite (the first such client
+                of the cohort in client-id order is named).
         """
-        names = self._loss_names if self.world_size > 1 else sorted(loss_sums)
-        values, flags = self._reduce_losses(names, loss_sums, steps, bad)
+        local_names = sorted({k for sums in client_sums for k in sums})
+        names = self._loss_names if self.world_size > 1 else local_names
+        values, flags = self._reduce_losses(names, local_names, client_sums, steps, cohort, mine)
         if values[-2] > 0:  # some rank has a part name the others do not know yet
             gathered: list[list[str]] = [[] for _ in range(self.world_size)]
-            torch.distributed.all_gather_object(gathered, sorted(loss_sums))
+            torch.distributed.all_gather_object(gathered, local_names)
             names = self._loss_names = sorted(set(names).union(*gathered))
-            values, flags = self._reduce_losses(names, loss_sums, steps, bad)
+            values, flags = self._reduce_losses(names, local_names, client_sums, steps, cohort, mine)
         culprits = sorted(cid for cid, f in zip(cohort, flags) if f > 0)
         if culprits:
             more = f" and {len(culprits) - 1} more" if len(culprits) > 1 else ""
@@ -283,17 +281,30 @@ class Simulator:
         n = max(values[-1], 1.0)
         return {("train/loss" if k == "loss" else f"train/loss_{k}"): v / n for k, v in zip(names, values)}
 
-    def _reduce_losses(self, names: list[str], loss_sums: dict[str, Tensor], steps: int,
-                       bad: Tensor) -> tuple[list[float], list[float]]:
-        """One sum all-reduce of [loss parts..., unknown-name flag, steps, non-finite flags per cohort position]."""
-        vec = torch.zeros(len(names) + 2 + bad.numel(), device=self.device)
-        for i, k in enumerate(names):
-            if k in loss_sums:
-                vec[i] = loss_sums[k].float()
-        vec[len(names)] = len(set(loss_sums) - set(names))
-        vec[len(names) + 1] = steps
-        vec[len(names) + 2:] = bad
-        out = all_reduce_sum_(self.fabric, torch.nan_to_num(vec, nan=0.0, posinf=0.0, neginf=0.0)).tolist()
+    def _reduce_losses(self, names: list[str], local_names: list[str], client_sums: list[dict[str, Tensor]],
+                       steps: int, cohort: list[int], mine: list[int]) -> tuple[list[float], list[float]]:
+        """One exact sum all-reduce of [loss parts..., unknown-name flag, steps, non-finite flag per cohort
+        position]: a row per client of this rank (its loss parts and its flag) plus one row of counts."""
+        width = len(names) + 2 + len(cohort)
+        rows = torch.zeros(len(client_sums) + 1, width, dtype=torch.float64, device=self.device)
+        values = [(r, k, v) for r, sums in enumerate(client_sums) for k, v in sums.items()]
+        if values:  # a few vectorized ops per round, not per client
+            column = {k: i for i, k in enumerate(names)}
+            flat = torch.stack([v.detach().reshape(()) for _, _, v in values]).double()
+            which = torch.tensor([r for r, _, _ in values], device=self.device)
+            bad = torch.zeros(len(client_sums), dtype=torch.float64, device=self.device)
+            bad.index_add_(0, which, (~torch.isfinite(flat)).double())
+            position = {cid: i for i, cid in enumerate(cohort)}
+            cols = torch.tensor([len(names) + 2 + position[cid] for cid in mine], device=self.device)
+            rows[torch.arange(len(mine), device=self.device), cols] = (bad > 0).double()
+            known = [i for i, (_, k, _) in enumerate(values) if k in column]
+            if known:
+                rows[[values[i][0] for i in known], [column[values[i][1]] for i in known]] = flat[known]
+        rows[-1, len(names)] = len(set(local_names) - set(names))
+        rows[-1, len(names) + 1] = steps
+        exact = ExactSum([width], self.device)
+        exact.add_rows_(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0))
+        out = exact.all_reduce(self.fabric).tolist()
         return out[: len(names) + 2], out[len(names) + 2:]
 
     def should_evaluate(self, round: int) -> bool:

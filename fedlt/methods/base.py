@@ -5,12 +5,14 @@ what differs.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from fedlt.engine.collectives import all_reduce_sum_
+from fedlt.engine.exact import ExactSum, magnitudes
 from fedlt.engine.params import FlatLayout, copy_tensors_
 from fedlt.losses import CrossEntropy, Loss
 from fedlt.registry import Registry
@@ -24,15 +26,40 @@ METHODS: Registry[type[FedMethod]] = Registry("method")
 _WEIGHT = "__weight__"
 
 
+def _after_reduce(step: Any) -> Any:
+    """Wraps a ``server_step``: with exact sums the buffer holds nothing until :meth:`Reducer.reduce` ran."""
+    @functools.wraps(step)
+    def server_step(self: Reducer, round: int) -> None:
+        if self._unreduced:
+            raise RuntimeError(f"{type(self).__name__}.server_step before reduce(): the accumulated sums reach the "
+                               "buffer in reduce(fabric) (reduce(None) in a single process)")
+        return step(self, round)
+    return server_step
+
+
 class Reducer:
     """Server half: streaming weighted accumulation, one sum all-reduce, deterministic server step.
 
     The default is FedAvg's weighted mean ``theta = sum_k n_k theta_k / sum_k n_k`` over the shared tensors.
     Subclasses override :meth:`server_step` (server optimizers, prototype averaging, ...).
 
+    With :attr:`exact` (the default) the sums are exact and order-independent (:mod:`fedlt.engine.exact`): the
+    reduced buffer, and so the server step, is bitwise the same for any number of ranks and any split of the
+    cohort over them. Subclasses must then add to the sums only through :meth:`accumulate`; a reducer whose
+    accumulation writes the buffer directly sets ``exact = False`` (its buffer is then float-summed over ranks,
+    which is exact only for contributions that are disjoint, one client per element).
+
     Args:
         extras: names and shapes of the extra tensors clients upload (summed across clients, unweighted).
     """
+
+    exact: bool = True
+    _unreduced = False  # exact terms accumulated but not yet reduced into the buffer
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "server_step" in cls.__dict__:
+            cls.server_step = _after_reduce(cls.__dict__["server_step"])
 
     def __init__(self, extras: dict[str, tuple[int, ...]] | None = None) -> None:
         self.extra_shapes = dict(extras or {})
@@ -55,14 +82,31 @@ class Reducer:
         self.extras_sum = {k: views[f"extra.{k}"] for k in self.extra_shapes}
         self.weight_sum = views[_WEIGHT]
         self.global_float = [global_state[k] for k in self.float_keys]
+        self._model_keys = self.float_keys + self.other_keys
+        self._exact_sum = ExactSum([views[n].numel() for n in self.layout.names], device)
+        self._exact_names = list(self.layout.names)
 
     def begin_round(self, round: int) -> None:
-        """Zeroes the accumulator."""
+        """Zeroes the accumulator; the exact grid of each shared tensor follows its current magnitude."""
         self.buffer.zero_()
+        if self.exact:
+            refs = dict(zip(self._model_keys, magnitudes([self.global_state[k] for k in self._model_keys])))
+            self._exact_sum.set_references([refs.get(n, 1.0) for n in self._exact_names])
+            self._exact_sum.zero_()
+        self._unreduced = False
 
     def accumulate(self, update: ClientUpdate) -> None:
         """Adds ``weight * tensors`` (and the extras) of one client to the running sums."""
         w = float(update.weight)
+        if self.exact:
+            extras = {f"extra.{k}": t for k, t in update.extras.items()}
+            terms = [update.tensors[n] if n in update.tensors and n in self.acc else extras.get(n)
+                     for n in self._exact_names[:-1]]
+            ones = self.weight_sum.new_ones(1)
+            weights = [1.0 if n.startswith("extra.") else w for n in self._exact_names]
+            self._exact_sum.add_([*terms, ones], weights)
+            self._unreduced = True
+            return
         with torch.no_grad():
             if self.float_keys:
                 torch._foreach_add_(self.acc_float, [update.tensors[k] for k in self.float_keys], alpha=w)
@@ -74,7 +118,11 @@ class Reducer:
 
     def reduce(self, fabric: Any) -> None:
         """One sum all-reduce of the whole accumulator (idle ranks contribute zeros)."""
-        all_reduce_sum_(fabric, self.buffer)
+        if self.exact:
+            self._exact_sum.all_reduce(fabric, out=self.buffer)
+            self._unreduced = False
+        else:
+            all_reduce_sum_(fabric, self.buffer)
 
     def weighted_mean(self) -> dict[str, Tensor] | None:
         """The weighted mean of the uploaded tensors (``None`` when no client trained)."""
@@ -109,6 +157,9 @@ class Reducer:
         with torch.no_grad():
             for k, v in state["global"].items():
                 self.global_state[k].copy_(v)
+
+
+Reducer.server_step = _after_reduce(Reducer.server_step)  # type: ignore[method-assign]
 
 
 class FedMethod:

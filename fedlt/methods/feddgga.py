@@ -139,7 +139,13 @@ class FedDGGAReducer(Reducer):
         step_size: d of the official code (before the 1/M factor and the decay).
         fair_metric: ``"loss"`` or ``"acc"``.
         decay_rounds: R of the linear step decay (``None``: constant step).
+
+    Its accumulation writes each client's tensors into the client's own slot (one writer per element, so the
+    float all-reduce is exact) and the server step sums the slots in client-id order: it is world-size invariant
+    without the fixed-point sums (``exact = False``).
     """
+
+    exact = False
 
     def __init__(self, num_clients: int, num_params: int, init_weights: Tensor, step_size: float,
                  fair_metric: str = "loss", decay_rounds: int | None = None) -> None:

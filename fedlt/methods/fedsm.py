@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlt.engine.collectives import all_reduce_sum_
+from fedlt.engine.exact import ExactSum
 from fedlt.methods._clip_kd import CLIP2FL_TEMPLATE, ClipKDClient
 from fedlt.methods._lt_common import experiment_seed, load_global_into_workspace, seeded_generator
 from fedlt.methods._relevance import DIAGONALS, SELECTION_RULES, check_encoder, class_relevance, draw_sources
@@ -196,26 +196,26 @@ class FedSMReducer(Reducer):
         """Steps 1-4 of the module docstring (every rank; the ranks agree through two sum all-reduces)."""
         m, c, d = self.method, self.method.num_classes, self.method.dim
         load_global_into_workspace(m, self.global_state)
-        acc = torch.zeros(c * d + c, device=self.buffer.device)
-        sums, counts = acc[: c * d].view(c, d), acc[c * d :]
+        device = self.buffer.device
+        acc = ExactSum([c * d, c], device)  # exact sums: the same bits for any split of the clients over ranks
         cached: dict[int, tuple[Tensor, Tensor]] = {}
         for cid in self._prototype_clients():
             feats, labels = m.client_features(cid, round)
             means, n = local_prototypes(feats, labels, c)
-            sums += prototype_contribution(means, n, m.normalize_prototypes)
-            counts += n
+            acc.add_([prototype_contribution(means, n, m.normalize_prototypes), n])
             if cid in self._mine:
                 cached[cid] = (feats, labels)
-        all_reduce_sum_(self._fabric, acc)
+        total = acc.all_reduce(self._fabric).float()
+        sums, counts = total[: c * d].view(c, d), total[c * d :]
         fresh = counts > 0
         self.prototypes[fresh] = global_prototypes(sums, counts)[fresh]
         self.seen |= fresh
-        heads = torch.zeros(c * d + c + 1, device=self.buffer.device)
+        acc = ExactSum([c * d + c + 1], device)
         for cid, (feats, labels) in cached.items():
             head = m.retrain_head(cid, round, self.prototypes, self.seen, feats, labels)
             if head is not None:
-                heads += torch.cat([head[0].flatten(), head[1], heads.new_ones(1)])
-        all_reduce_sum_(self._fabric, heads)
+                acc.add_([torch.cat([head[0].flatten(), head[1], head[1].new_ones(1)])])
+        heads = acc.all_reduce(self._fabric).float()
         load_global_into_workspace(m, self.global_state)  # drop BatchNorm statistics touched by the pass
         if float(heads[-1]) <= 0:
             return

@@ -130,22 +130,28 @@ def test_two_processes_give_the_same_global_weights_and_metrics_as_one(tmp_path,
         assert sorted(len(r) for r in ranks) == split, ranks
     a, b = _global(one, 2), _global(two, 2)
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-6, msg=k)
+    for k in a:  # bitwise: exact aggregation does not depend on how the cohort is split over ranks
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert not torch.equal(a["head.weight"], _global(one, 1)["head.weight"])
-    # Evaluation is sharded over the ranks and synced: the same metrics, row for row.
+    # Evaluation is sharded over the ranks and synced: the same metrics, row for row, digit for digit.
     rows1, rows2 = (list(csv.DictReader((run / "metrics.csv").open())) for run in (one, two))
     assert [r["round"] for r in rows1] == [r["round"] for r in rows2] == ["1", "2"]  # no duplicate rows
     for r1, r2 in zip(rows1, rows2):
         assert r1.keys() == r2.keys()
-        for k in r1:
-            if not k.startswith("time/"):
-                assert float(r2[k]) == pytest.approx(float(r1[k]), rel=1e-5, abs=1e-6), k
+        assert {k: v for k, v in r1.items() if not k.startswith("time/")} == \
+            {k: v for k, v in r2.items() if not k.startswith("time/")}
     f1, f2 = (json.loads((run / "final.json").read_text()) for run in (one, two))
-    assert f2["mean_last"] == pytest.approx(f1["mean_last"], rel=1e-5, abs=1e-6, nan_ok=True)
+    assert _untimed(f2) == _untimed(f1)
     # Only rank 0 writes and prints: the same run files as one process, one header and one final table.
     assert _files(two) == _files(one)
     assert out2.count("world size 2") == 1 and out2.count("GM acc") == 1, out2
+
+
+def _untimed(value):
+    """``value`` (JSON) without the timing entries, which alone may differ between identical runs."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if "time" not in k}
+    return value
 
 
 def _kill_after_checkpoint(run: Path, sig: int, rounds: int, round: int = 2) -> tuple[int, str]:

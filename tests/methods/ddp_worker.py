@@ -1,7 +1,8 @@
-"""Runs every given method for 2 rounds with ONE client per round over TWO CPU ranks (gloo), so that one rank
-trains nobody each round, and saves the global state and the client store. One Fabric launch serves all methods.
+"""Runs every given method for 2 rounds with COHORT clients per round over WORLD CPU ranks (gloo) and saves,
+per method, the global state, the client store, the train metrics of both rounds and the evaluation. One Fabric
+launch serves all methods; every rank runs single-threaded, so that launches of any world size compute alike.
 
-Usage: python tests/methods/ddp_worker.py OUT_DIR METHOD [METHOD ...]
+Usage: python tests/methods/ddp_worker.py OUT_DIR WORLD COHORT METHOD [METHOD ...]
 """
 
 from __future__ import annotations
@@ -16,27 +17,30 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 
 
-def main(out: Path, names: list[str]) -> None:
+def main(out: Path, world: int, cohort: int, names: list[str]) -> None:
     from test_contract import method_args
 
     from fedlt.cli import _build, _experiment
 
-    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    torch.set_num_threads(1)
+    fabric = Fabric(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto")
     fabric.launch()
     for name in names:
-        args = ["--config", TINY, *method_args(name), "--trainer.clients_per_round", "1",
-                "--method.init_args.batch_size", "16", "--run_dir", str(out / name)]
+        args = ["--config", TINY, *method_args(name), "--trainer.clients_per_round", str(cohort),
+                "--method.init_args.batch_size", "16", "--run_dir", str(out / f"{name}-w{world}")]
         exp = _experiment(*_build("fit", args))
         exp.fabric = fabric
         sim = exp.build_simulator()
-        for r in (1, 2):
-            sim.run_round(r)
+        train = [sim.run_round(r).metrics for r in (1, 2)]
+        for m in train:
+            m.pop("time/round_s", None)
         metrics = sim.evaluate()
+        store = sim.store.state_dict()
         if fabric.global_rank == 0:
-            torch.save({"global": {k: v.cpu() for k, v in sim.global_state.items()},
-                        "store": sim.store.state_dict(), "metrics": metrics}, out / f"{name}.pt")
+            torch.save({"global": {k: v.cpu() for k, v in sim.global_state.items()}, "store": store,
+                        "train": train, "metrics": metrics}, out / f"{name}-w{world}.pt")
         fabric.barrier()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])

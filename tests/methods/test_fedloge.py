@@ -135,6 +135,7 @@ def test_local_heads_stay_on_clients_and_psi_is_the_weighted_mean():
         t["head.weight"] = torch.full_like(t["head.weight"], float(k + 1))
         uploads.append((n, t["head.weight"]))
         reducer.accumulate(ClientUpdate(client_id=k, weight=n, tensors=t))
+    reducer.reduce(None)
     reducer.server_step(1)
     expected = (10.0 * uploads[0][1] + 30.0 * uploads[1][1]) / 40.0
     torch.testing.assert_close(sim.global_state["head.weight"], expected)

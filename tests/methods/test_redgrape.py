@@ -335,6 +335,7 @@ def test_server_prototype_rule_unweighted_mean_and_keep_unowned():
     reducer.begin_round(1)
     for u in ups:
         reducer.accumulate(u)
+    reducer.reduce(None)
     reducer.server_step(1)
     torch.testing.assert_close(reducer.global_state["theta"], torch.full((3,), 0.9))  # weighted FedAvg
     pw, pb = reducer.proto_w, reducer.proto_b
@@ -350,6 +351,7 @@ def test_server_prototype_rule_unweighted_mean_and_keep_unowned():
     new = _fake_update(3, 5.0, [0], d, 3)
     reducer.begin_round(2)
     reducer.accumulate(new)
+    reducer.reduce(None)
     reducer.server_step(2)
     assert torch.equal(reducer.proto_w[0], new.extras["proto_w"][0])
     for c in (1, 2, 3):
@@ -363,6 +365,7 @@ def test_reducer_checkpoint_round_trip():
     reducer = _reducer(d)
     reducer.begin_round(1)
     reducer.accumulate(_fake_update(0, 2.0, [0, 3], d, 7))
+    reducer.reduce(None)
     reducer.server_step(1)
     state = reducer.state_dict()
     fresh = _reducer(d)
