@@ -9,6 +9,7 @@ Usage::
 
     python benchmarks/round_overhead.py --workload all [--passes 2] [--devices N] [--json out.json]
     python benchmarks/round_overhead.py --workload w1 --check   # correctness only
+    python benchmarks/round_overhead.py --workload w2 --float-reduction   # + the exact reduction's cost
 
 With ``--devices N > 1`` Fabric re-executes this script once per rank (DDP on CPU); the plain loop still
 runs single-process (with the process's default thread count) on rank 0 while the other ranks wait at a
@@ -172,8 +173,9 @@ class PlainLoop:
         return dict(zip(self.names, self.global_weights))
 
 
-def build_simulator(fabric: Any, w: Workload, x: Tensor, y: Tensor, rounds: int) -> Simulator:
-    """fedlt's engine on the same data, model, sampler and permutations (set up, not yet run)."""
+def build_simulator(fabric: Any, w: Workload, x: Tensor, y: Tensor, rounds: int, exact: bool = True) -> Simulator:
+    """fedlt's engine on the same data, model, sampler and permutations (set up, not yet run); ``exact``: the
+    exact, world-size-invariant reduction (the default) or the float sum."""
     flat_x, flat_y = x.reshape(-1, *x.shape[2:]), y.reshape(-1)
     indices = [torch.arange(c * w.samples, (c + 1) * w.samples) for c in range(w.num_clients)]
     data = FederatedDataset.from_tensors(flat_x, flat_y, flat_x[: w.samples], flat_y[: w.samples], indices, 10)
@@ -181,6 +183,7 @@ def build_simulator(fabric: Any, w: Workload, x: Tensor, y: Tensor, rounds: int)
     sim = Simulator(
         fabric, data, initial_model(w), method, rounds=rounds, clients_per_round=w.cohort, eval_every=0,
         cohort_sampler=ReferenceSampler(w.num_clients, w.cohort), client_seed_fn=permutation_seed,
+        exact_reduction=exact,
     )
     return sim.setup()
 
@@ -281,6 +284,11 @@ class Bench:
         startup = time.perf_counter() - t0
         return plain, self._time(sim.run_round, rounds), startup
 
+    def run_float_pass(self) -> list[float]:
+        """One fedlt run with the float (order-dependent) reduction, for the cost of the exact one."""
+        sim = build_simulator(self.fabric, self.w, self.x, self.y, WARMUP_ROUNDS + TIMED_ROUNDS, exact=False)
+        return self._time(sim.run_round, WARMUP_ROUNDS + TIMED_ROUNDS)
+
     def profile_fedlt(self) -> None:
         """An extra, untimed fedlt run with cProfile over its post-warm-up rounds (on rank 0)."""
         sim = build_simulator(self.fabric, self.w, self.x, self.y, WARMUP_ROUNDS + TIMED_ROUNDS)
@@ -310,8 +318,10 @@ class Bench:
         return rss.tolist()
 
 
-def bench_workload(fabric: Any, w: Workload, passes: int, default_threads: int, profile: str | None) -> dict[str, Any]:
-    """Correctness check, then ``passes`` alternating plain / fedlt passes; raises SystemExit(1) on a bad check."""
+def bench_workload(fabric: Any, w: Workload, passes: int, default_threads: int, profile: str | None,
+                   float_too: bool = False) -> dict[str, Any]:
+    """Correctness check, then ``passes`` alternating plain / fedlt passes (and fedlt with the float reduction
+    with ``float_too``); raises SystemExit(1) on a bad check."""
     bench = Bench(fabric, w, default_threads, profile)
     diff = bench.check()
     _say(fabric, f"{w.name}: check after {CHECK_ROUNDS} rounds: max |fedlt - plain| = {diff:.3e} "
@@ -326,12 +336,17 @@ def bench_workload(fabric: Any, w: Workload, passes: int, default_threads: int, 
         ps, fs = _summary(plain), _summary(fed)
         result["passes"].append({"plain": ps, "fedlt": fs, "ratio": fs["median"] / ps["median"],
                                  "fedlt_startup_s": startup})
+        if float_too:
+            fl = _summary(bench.run_float_pass())
+            result["passes"][-1].update(fedlt_float=fl, exact_vs_float=fs["median"] / fl["median"])
     if profile:
         bench.profile_fedlt()
     result["peak_rss_mb_per_rank"] = bench.peak_rss()
     if result["passes"]:
         ratios = [p["ratio"] for p in result["passes"]]
         result["ratio_median"] = statistics.median(ratios)
+        if float_too:
+            result["exact_vs_float_median"] = statistics.median(p["exact_vs_float"] for p in result["passes"])
     return result
 
 
@@ -355,6 +370,11 @@ def print_table(name: str, res: dict[str, Any], devices: int) -> None:
     ratios = [p["ratio"] for p in res["passes"]]
     print(f"ratio fedlt/plain: median {res['ratio_median']:.3f} over {len(ratios)} passes "
           f"[{min(ratios):.3f}-{max(ratios):.3f}]")
+    if "exact_vs_float_median" in res:
+        per = ", ".join(f"{p['exact_vs_float']:.3f}" for p in res["passes"])
+        floats = ", ".join(_fmt(p["fedlt_float"]).strip() for p in res["passes"])
+        print(f"fedlt with the float reduction per pass: {floats}; exact/float: median "
+              f"{res['exact_vs_float_median']:.3f} ({per})")
     cold, setup = res["cold_first_round_s"], res["passes"][0]["fedlt_startup_s"]
     print(f"cold start: first round in this process plain {cold['plain'] * 1e3:.1f} ms, fedlt "
           f"{cold['fedlt'] * 1e3:.1f} ms; fedlt data+Simulator setup {setup * 1e3:.1f} ms")
@@ -369,6 +389,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--passes", type=int, default=2, help="alternating plain/fedlt passes (default 2)")
     ap.add_argument("--devices", type=int, default=1, help="fedlt processes; >1 uses Fabric DDP on CPU")
     ap.add_argument("--check", action="store_true", help="only run the correctness check")
+    ap.add_argument("--float-reduction", action="store_true",
+                    help="also time fedlt with trainer.exact_reduction false in every pass (the exact sums' cost)")
     ap.add_argument("--json", help="write the results to this JSON file")
     ap.add_argument("--profile", metavar="PREFIX",
                     help="after the passes, cProfile one extra fedlt run (not in the ratios) into PREFIX.<workload>")
@@ -399,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not diff <= CHECK_TOL:
                 return 1
             continue
-        res = bench_workload(fabric, w, args.passes, default_threads, args.profile)
+        res = bench_workload(fabric, w, args.passes, default_threads, args.profile, args.float_reduction)
         out["workloads"][name] = res
         if fabric.global_rank == 0:
             print_table(name, res, args.devices)

@@ -124,8 +124,13 @@ def _check_config_files(argv: Sequence[str]) -> None:
         path = os.path.expanduser(name)
         if not os.path.isfile(path):
             continue  # jsonargparse says so (or the value is inline YAML)
-        with open(path) as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as err:
+            raise UserError(f"config file {name}: not UTF-8 text (byte {err.start}); is it a YAML file?") from None
+        except OSError as err:
+            raise UserError(f"config file {name}: cannot be read ({err.strerror})") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:

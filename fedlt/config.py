@@ -89,3 +89,8 @@ class LoggingConfig:
     group: str | None = None
     job_type: str | None = None
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        modes = ("auto", "online", "offline", "disabled")
+        if self.wandb_mode not in modes:
+            raise ValueError(f"logging.wandb_mode must be one of {', '.join(modes)}, got {self.wandb_mode!r}")

@@ -23,6 +23,7 @@ from fedlt.engine.checkpoint import (
     save_atomic,
 )
 from fedlt.engine.collectives import any_rank
+from fedlt.engine.faults import failpoint
 from fedlt.engine.local_loop import NonFiniteLossError
 from fedlt.engine.rundir import (
     RESUME_ALLOWED,
@@ -118,6 +119,9 @@ class Experiment:
 
     # -- fit -----------------------------------------------------------------------------------------------
     def _resume_checkpoint(self) -> Path | None:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"run directory {self.run_dir} exists and is not a directory; pick another --run_dir "
+                            "(or --name)")
         latest = latest_checkpoint(self.run_dir)
         if self.resume is None:
             if latest is not None:
@@ -150,7 +154,8 @@ class Experiment:
             sim = self.build_simulator()
             history: dict[int, dict[str, float]] = {}
             if ckpt is not None:
-                sim.load_state_dict(ckpt["simulator"])
+                self._check_partition_record(ckpt_file)
+                _load_simulator_state(sim, ckpt, ckpt_file)
                 history = {int(r): m for r, m in ckpt["history"].items()}
             if any_rank(self.fabric, flag.raised):  # a signal during start-up, on any rank
                 self._print("preempted during start-up, before anything was written; rerun with --resume auto")
@@ -165,11 +170,12 @@ class Experiment:
 
     def _fit_locked(self, sim: Simulator, ckpt: dict | None, ckpt_file: Path | None, history: dict,
                     changes: dict[str, tuple[Any, Any]], flag: PreemptionFlag) -> dict[str, Any]:
+        if self.is_rank_zero:
+            # Disk client state a killed process wrote after the checkpoint (or, without one, in any round: a run
+            # killed before its first checkpoint starts afresh and must not read its predecessor's client files).
+            sim.store.discard_after(sim.round)
+        sim.comm.barrier()
         if ckpt is not None:
-            if self.is_rank_zero:
-                sim.store.discard_after(sim.round)  # disk state a killed process wrote after the checkpoint
-            if self.fabric is not None and self.fabric.world_size > 1:
-                self.fabric.barrier()
             self._print(f"resumed from {ckpt_file} (round {sim.round})")
         self._environment = self._environment_record() if self.is_rank_zero else {}
         self._write_run_files(sim, fresh=ckpt is None)
@@ -264,6 +270,26 @@ class Experiment:
                             f"round {rounds}; pass at least that many rounds")
         return allowed
 
+    def _check_partition_record(self, ckpt_file: Path | None) -> None:
+        """A resume rebuilds the partition from the config: it must be the one ``partition.json`` recorded at the
+        start (the same data and splits; another version of a dataset, say, would change them silently)."""
+        record = self.run_dir / "partition.json"
+        if not record.is_file():
+            return
+        try:
+            stored = json.loads(record.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {record} ({err}): the partition this run started with is unknown, so "
+                            f"--resume {ckpt_file} cannot check it. Restore the file, or start a new run.") from None
+        now = json.loads(json.dumps(self.data.summary()))
+        differ = [k for k in _PARTITION_FIELDS if k in stored and stored[k] != now.get(k)]
+        if differ:
+            raise UserError(f"--resume: the data now split differently from {record} ({', '.join(differ)} "
+                            "differ): the data set or its files changed since round 1. Resume with the original "
+                            "data, or start a new run.")
+
     def _lock_run_dir(self, ckpt_file: Path | None) -> RunDirLock:
         """Rank 0 takes the run directory's lock (all ranks agree whether it could), then checks that no other
         process changed what this run decided on before it held the lock (fresh vs. resume)."""
@@ -299,6 +325,7 @@ class Experiment:
                     lg.log_metrics(metrics, step=rnd)
             bar.update(rnd, metrics)
             last = rnd == t.rounds
+            failpoint("round.end")
             stop = sim.preempted(flag.raised)
             if last or stop or (t.checkpoint_every > 0 and rnd % t.checkpoint_every == 0):
                 self._checkpoint(sim, history)
@@ -389,7 +416,7 @@ class Experiment:
             raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
         self.launch()
         sim = self.build_simulator()
-        sim.load_state_dict(_read_checkpoint(ckpt_path)["simulator"])
+        _load_simulator_state(sim, _read_checkpoint(ckpt_path), ckpt_path)
         metrics = sim.evaluate()
         if self.is_rank_zero:
             report = final_report({sim.round: metrics}, last=1)
@@ -437,6 +464,20 @@ def _config_dict(config_yaml: str) -> dict[str, Any]:
 
     loaded = yaml.safe_load(config_yaml) if config_yaml else None
     return loaded if isinstance(loaded, dict) else {}
+
+
+_PARTITION_FIELDS = ("num_classes", "num_clients", "train_size", "test_size", "class_counts", "client_sizes",
+                     "client_class_counts", "local_test_sizes")
+
+
+def _load_simulator_state(sim: Simulator, ckpt: dict[str, Any], path: str | Path | None) -> None:
+    """Restores a checkpoint's simulator state; one of another model or method is a user error."""
+    try:
+        sim.load_state_dict(ckpt["simulator"])
+    except (RuntimeError, KeyError, ValueError) as err:  # shape mismatch, missing tensors, another store
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {path} does not fit this config's model and method ({first}); pass the "
+                        "config that trained it") from None
 
 
 def _read_checkpoint(path: str | Path) -> dict[str, Any]:

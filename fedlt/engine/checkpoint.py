@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fedlt.engine.faults import failpoint
 from fedlt.signals import PreemptionFlag
 
 __all__ = ["PreemptionFlag", "checkpoint_path", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
@@ -31,7 +32,10 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     torch.save(obj, buffer)
     try:
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            data = buffer.getbuffer()
+            f.write(data[: len(data) // 2])
+            failpoint("checkpoint.write")
+            f.write(data[len(data) // 2 :])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

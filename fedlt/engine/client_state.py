@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fedlt.engine.collectives import all_reduce_sum_
+from fedlt.engine.faults import failpoint
 from fedlt.engine.params import FlatLayout
 
 STORE_MODES = ("memory", "cpu", "disk")
@@ -125,6 +126,7 @@ class ClientStateStore:
         path = folder / f"r{self.round:06d}.pt"
         tmp = folder / f".r{self.round:06d}.pt.tmp{os.getpid()}"
         torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+        failpoint("store.write")
         os.replace(tmp, path)
         if self._retain <= 0:
             return

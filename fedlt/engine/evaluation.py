@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from fedlt.engine.collectives import all_reduce_sum_
-from fedlt.engine.params import copy_tensors_
 from fedlt.metrics import GroupedAccuracy, PersonalizedAccuracy
 
 if TYPE_CHECKING:
@@ -54,10 +52,7 @@ class Evaluator:
             yield batch[0], batch[1]
 
     def _load_global(self) -> None:
-        sim = self.sim
-        copy_tensors_(sim._ws_shared, sim._global_list)
-        if sim._ws_personal:
-            copy_tensors_(list(sim._ws_personal.values()), [sim._default_personal[k] for k in sim._ws_personal])
+        self.sim.load_global()
 
     @torch.no_grad()
     def run(self) -> dict[str, float]:
@@ -96,7 +91,7 @@ class Evaluator:
         """
         if self._client_counts is None:
             return None
-        counts = all_reduce_sum_(self.sim.fabric, self._client_counts.clone()).tolist()
+        counts = self.sim.comm.sum_(self._client_counts.clone()).tolist()
         return {"acc": [c / t if t else None for c, t in zip(*counts)], "num_test": counts[1]}
 
     def _global_predictions(self, split=None) -> Tensor:
@@ -118,7 +113,7 @@ class Evaluator:
                     self.gm.update(p, y)
                 preds[shard[start : start + sim.eval_batch_size]] = p.float()
         # Sum of disjoint shards = every prediction on every rank (needed for PM by index).
-        preds = all_reduce_sum_(sim.fabric, preds).long()
+        preds = sim.comm.sum_(preds).long()
         if test:
             self._test_preds = preds
         return preds

@@ -5,16 +5,17 @@ A float sum depends on the order of its terms, and the order depends on how the 
 
 1. every term ``w * x`` is rounded once, on its own, onto a fixed-point grid of ``2^-s`` (``s`` per segment,
    from a reference magnitude every rank knows before the round, e.g. the global tensor);
-2. the rounded term is added as a two-limb integer ``hi * 2^32 + lo`` (int64 each): integer addition is
-   associative, so neither the client order, nor the split over ranks, nor the all-reduce tree changes a bit;
-3. after the (integer) all-reduce the limbs are decoded into floats once.
+2. the rounded term is split into two integer limbs ``hi * 2^32 + lo`` held in float64 (integers below 2^53 add
+   exactly in float64, so the addition is associative): neither the client order, nor the split over ranks,
+   nor the all-reduce tree changes a bit;
+3. after the all-reduce of the limbs they are decoded into floats once.
 
 The grid keeps 52 bits below ``max(reference, 1)``: for a weight tensor that is finer than float32's own
 resolution wherever float32 values are above 2^-28 of it. The terms of all ranks together may reach about
-``2^42 * max(reference, 1)`` in magnitude (ten clients of weight 10^6 leave a factor of 2^18 of growth over the
-reference); beyond that, or for a NaN/inf term, :meth:`ExactSum.all_reduce` raises :class:`ExactSumOverflow`
-on every rank. The cost per term is a few passes over a float64 copy of the contribution, and the all-reduce
-moves 16 bytes per element instead of 4.
+``2^30 * max(reference, 1)`` in magnitude (a cohort of total weight 10^6 leaves a factor of 2^10 of growth over
+the reference); beyond that, or for a NaN/inf term, :meth:`ExactSum.all_reduce` raises :class:`ExactSumOverflow`
+on every rank. The cost per term is eight elementwise passes over a float64 copy of the contribution (no
+integer conversion), and the all-reduce moves 16 bytes per element instead of 4.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from fedlt.engine.local_loop import NonFiniteLossError
 
 _LIMB = 2.0**32
 PRECISION_BITS = 52  # grid bits below the segment's reference magnitude
-_SUM_BITS = 62  # the sum of |hi| over all terms of all ranks stays below 2^62 (int64 without overflow)
+_EXACT_BITS = 51  # limb sums (float64 integers) are exact below 2^53; the ranks' summed max |hi sum| stays below 2^51
+_MAX_TERMS = 2**18  # and on the number of terms (each lo limb is below 2^32, so their sum below 2^50)
+_CHUNK = 1 << 17  # elements per pass of the limb split (1 MiB of float64: stays in cache)
 
 
 class ExactSumOverflow(NonFiniteLossError):
@@ -50,9 +53,39 @@ def magnitudes(tensors: Sequence[Tensor]) -> list[float]:
     """``max |t|`` of each tensor (0 for an empty one), with one device synchronisation."""
     if not tensors:
         return []
-    peaks = [t.detach().abs().amax().double() if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
-             for t in tensors]
-    return torch.stack(peaks).tolist()
+    zero = torch.zeros(2, dtype=torch.float64, device=tensors[0].device)
+    extremes = torch.stack([torch.stack(torch.aminmax(t.detach())).double() if t.numel() else zero for t in tensors])
+    return extremes.abs().amax(1).tolist()
+
+
+def _chunk_plan(sizes: Sequence[int], chunk: int) -> list[tuple[tuple[int, int], list[tuple[int, int, int]]]]:
+    """Consecutive stage ranges ``(a, b)`` of about ``chunk`` elements, each with its pieces ``(segment, start,
+    end)``: small segments share a range, a large one is cut into several."""
+    plan: list[tuple[tuple[int, int], list[tuple[int, int, int]]]] = []
+    pieces: list[tuple[int, int, int]] = []
+    start = pos = 0
+    for i, n in enumerate(sizes):
+        lo = 0
+        while lo < n:
+            take = min(n - lo, chunk - (pos - start))
+            pieces.append((i, lo, lo + take))
+            lo += take
+            pos += take
+            if pos - start >= chunk:
+                plan.append(((start, pos), pieces))
+                pieces, start = [], pos
+    if pieces:
+        plan.append(((start, pos), pieces))
+    return plan
+
+
+def _offsets(pieces: list[tuple[int, int, int]]) -> list[int]:
+    """Where each piece starts inside its range."""
+    out, pos = [], 0
+    for _, lo, hi in pieces:
+        out.append(pos)
+        pos += hi - lo
+    return out
 
 
 class ExactSum:
@@ -71,13 +104,15 @@ class ExactSum:
         self.sizes = [int(s) for s in sizes]
         self.numel = sum(self.sizes)
         self.device = torch.device(device)
-        # rows: hi limb, lo limb; the last element of the hi row counts this rank's out-of-range terms
-        self._acc = torch.zeros(2, self.numel + 1, dtype=torch.int64, device=self.device)
+        # rows: the hi limbs, the lo limbs (integers held exactly in float64); the last element of the hi row
+        # carries this rank's largest |hi| sum (the overflow check), of the lo row its number of terms
+        self._acc = torch.zeros(2, self.numel + 1, dtype=torch.float64, device=self.device)
         self._stage = torch.empty(self.numel, dtype=torch.float64, device=self.device)
+        self._hi = torch.empty(self.numel, dtype=torch.float64, device=self.device)
         self._stage_views = list(torch.split(self._stage, self.sizes)) if self.sizes else []
         self.exponents = [grid_exponent(1.0)] * len(self.sizes)
-        self._peak = torch.zeros((), dtype=torch.float64, device=self.device)
         self._terms = 0
+        self._plan = _chunk_plan(self.sizes, _CHUNK)
 
     def set_references(self, magnitudes: Sequence[float]) -> None:
         """Sets each segment's grid from a magnitude known identically on every rank."""
@@ -87,7 +122,6 @@ class ExactSum:
 
     def zero_(self) -> None:
         self._acc.zero_()
-        self._peak.zero_()
         self._terms = 0
 
     @torch.no_grad()
@@ -101,15 +135,23 @@ class ExactSum:
         if not self.sizes:
             return
         ws = [float(weights)] * len(tensors) if isinstance(weights, (int, float)) else [float(w) for w in weights]
-        given = [i for i, t in enumerate(tensors) if t is not None]
-        missing = [self._stage_views[i] for i, t in enumerate(tensors) if t is None]
-        if missing:
-            torch._foreach_zero_(missing)
-        if given:
-            views = [self._stage_views[i].view(tensors[i].shape) for i in given]
-            torch._foreach_copy_(views, [tensors[i].detach() for i in given])
-            torch._foreach_mul_(views, [math.ldexp(ws[i], self.exponents[i]) for i in given])
-        self._add_staged()
+        flat = [t.detach().reshape(-1) if t is not None else None for t in tensors]
+        scales = [math.ldexp(w, e) for w, e in zip(ws, self.exponents)]
+        # Each chunk of about _CHUNK elements (small segments grouped, large ones split) is staged and split into
+        # limbs while it is in cache: eight passes over a model-sized float64 vector would be memory-bound.
+        for (a, b), pieces in self._plan:
+            given = [(i, lo, hi) for i, lo, hi in pieces if flat[i] is not None]
+            missing = [self._stage[a + o : a + o + hi - lo] for (i, lo, hi), o in zip(pieces, _offsets(pieces))
+                       if flat[i] is None]
+            if missing:
+                torch._foreach_zero_(missing)
+            if given:
+                offsets = dict(zip(pieces, _offsets(pieces)))
+                views = [self._stage[a + offsets[p] : a + offsets[p] + p[2] - p[1]] for p in given]
+                torch._foreach_copy_(views, [flat[i][lo:hi] for i, lo, hi in given])
+                torch._foreach_mul_(views, [scales[i] for i, _, _ in given])
+            self._split_into_limbs(a, b)
+        self._terms += 1
 
     @torch.no_grad()
     def add_rows_(self, rows: Tensor) -> None:
@@ -120,24 +162,21 @@ class ExactSum:
         else:
             q = q * torch.cat([torch.full((n,), math.ldexp(1.0, s), dtype=torch.float64, device=self.device)
                                for n, s in zip(self.sizes, self.exponents)])
-        hi = torch.div(q, _LIMB, rounding_mode="floor")
-        lo = q.sub_(hi, alpha=_LIMB)
-        if len(rows):
-            self._peak = torch.maximum(self._peak, torch.linalg.vector_norm(hi, math.inf))
-        self._acc[0, :-1].add_(hi.to(torch.int64).sum(0))
-        self._acc[1, :-1].add_(lo.to(torch.int64).sum(0))
+        hi = (q * (1.0 / _LIMB)).floor_()
+        lo = q.sub_(hi, alpha=_LIMB).round_()
+        self._acc[0, :-1].add_(hi.sum(0))
+        self._acc[1, :-1].add_(lo.sum(0))
         self._terms += len(rows)
 
-    def _add_staged(self) -> None:
-        hi = torch.div(self._stage, _LIMB, rounding_mode="floor")
-        lo = self._stage.sub_(hi, alpha=_LIMB)  # in [0, 2^32): exact
-        self._peak = torch.maximum(self._peak, torch.linalg.vector_norm(hi, math.inf))  # NaN propagates
-        self._acc[0, :-1].add_(hi.to(torch.int64))
-        self._acc[1, :-1].add_(lo.to(torch.int64))
-        self._terms += 1
+    def _split_into_limbs(self, a: int, b: int) -> None:
+        stage, hi = self._stage[a:b], self._hi[a:b]
+        torch.mul(stage, 1.0 / _LIMB, out=hi).floor_()  # exact: a power of two, then floor
+        stage.sub_(hi, alpha=_LIMB).round_()  # lo, in [0, 2^32]: an integer
+        self._acc[0, a:b].add_(hi)
+        self._acc[1, a:b].add_(stage)
 
     def all_reduce(self, fabric: Any = None, out: Tensor | None = None) -> Tensor:
-        """Sums the accumulators over ranks (one int64 all-reduce) and decodes them.
+        """Sums the accumulators over ranks (one float64 all-reduce of integer limbs) and decodes them.
 
         Args:
             fabric: anything with ``world_size`` and ``all_reduce`` (``None``: a single process).
@@ -151,20 +190,23 @@ class ExactSum:
         """
         from fedlt.engine.collectives import all_reduce_sum_
 
-        peak = float(self._peak)
-        world = getattr(fabric, "world_size", 1) if fabric is not None else 1
-        ok = math.isfinite(peak) and peak * max(self._terms, 1) * world < 2.0**_SUM_BITS
-        self._acc[0, -1] = 0 if ok else 1
+        # NaN/inf terms propagate into the limb sums; a term large enough to make a partial sum of hi limbs
+        # inexact (>= 2^53) shows in this rank's sum too (one check per reduction, not per term).
+        if self.numel:  # one pass over each limb row; NaN/inf show in the extremes
+            extremes = torch.stack([*torch.aminmax(self._acc[0, :-1]), *torch.aminmax(self._acc[1, :-1])])
+            self._acc[0, -1] = extremes.abs().amax()
+        self._acc[1, -1] = float(self._terms)
         acc = all_reduce_sum_(fabric, self._acc)
-        if int(acc[0, -1]) > 0:
+        bound, terms = float(acc[0, -1]), float(acc[1, -1])
+        if not (math.isfinite(bound) and bound < 2.0**_EXACT_BITS and terms <= _MAX_TERMS):
             raise ExactSumOverflow(
-                "a client contribution is not finite or too large for exact aggregation (more than 2^41 times "
-                "the global tensor's magnitude); the run diverged. Lower the learning rate, or set "
+                "a client contribution is not finite or too large for exact aggregation (more than about 2^30 "
+                "times the global tensor's magnitude in all); the run diverged. Lower the learning rate, or set "
                 "trainer.exact_reduction false to aggregate in float (results then depend on the number of ranks)."
             )
         hi, lo = acc[0, :-1], acc[1, :-1]
-        carry = torch.bitwise_right_shift(lo, 32)
-        value = (hi + carry).double().mul_(_LIMB).add_((lo - carry * (1 << 32)).double())
+        carry = (lo * (1.0 / _LIMB)).floor_()
+        value = (hi + carry).mul_(_LIMB).add_(lo.sub(carry, alpha=_LIMB))
         if self.sizes:
             if len(set(self.exponents)) == 1:
                 value.mul_(math.ldexp(1.0, -self.exponents[0]))

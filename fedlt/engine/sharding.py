@@ -6,9 +6,11 @@ what makes a 1-process run and an N-process run of the same config produce the s
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 # Domain-separation tags so that the cohort stream, the client streams and evaluation never collide.
 _COHORT_TAG = 0x5EED_C0
@@ -22,6 +24,24 @@ def derive_seed(*keys: int) -> int:
     """
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def seeded_generator(*keys: int | str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from ``keys`` (the experiment seed first, then a purpose tag and the round, client, ...;
+    a string key counts as its CRC-32), through :func:`derive_seed`. The one way a method makes a random stream:
+    the same on every rank and for every world size, and independent of the global RNG."""
+    words = [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    return torch.Generator(device=device).manual_seed(derive_seed(*words))
+
+
+def seed_global_rng(seed: int, device: torch.device) -> None:
+    """Seeds the global RNG that layers such as dropout draw from: the CPU generator, and the current CUDA
+    device's when ``device`` is a GPU. ``torch.manual_seed`` also initialises every other backend's generators,
+    which costs about 0.7 ms per call on CPU builds with CUDA: that, per client, was most of a tiny round."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
 
 
 def client_seed(seed: int, round: int, client_id: int) -> int:

@@ -11,18 +11,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from fedlt.engine.client_state import ClientStateStore
-from fedlt.engine.collectives import any_rank
+from fedlt.engine.comm import Comm, RunInfo
 from fedlt.engine.evaluation import Evaluator
 from fedlt.engine.exact import ExactSum, ExactSumOverflow
+from fedlt.engine.faults import failpoint
 from fedlt.engine.local_loop import LocalTrainer, NonFiniteLossError
 from fedlt.engine.params import copy_tensors_, model_tensors, snapshot, split_keys
-from fedlt.engine.sharding import assign_to_ranks, client_seed, sample_cohort
+from fedlt.engine.sharding import assign_to_ranks, client_seed, sample_cohort, seed_global_rng
 from fedlt.types import ClientContext, ServerMessage
 
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 
 _MODEL = "model."
 _SECOND_PASS = 0x2B5F1A  # separates the generator stream of the after-aggregation pass from the local fit
+_GLOBAL_RNG_TAG = 0x5DEECE66D  # separates the global RNG's stream (dropout) from the client generator's
+T = TypeVar("T")
 
 
 @dataclass
@@ -97,21 +100,22 @@ class Simulator:
         self.client_seed_fn = client_seed_fn or client_seed
         self.exact_reduction = exact_reduction
         self.round = 0  # last completed round
+        self.comm = Comm(fabric)  # the one view of the other ranks (a single process without Fabric)
         self._loss_names: list[str] = []  # loss part names agreed across ranks
         self._is_setup = False
 
     # -- properties --------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.fabric.device if self.fabric is not None else torch.device("cpu")
+        return self.comm.device
 
     @property
     def rank(self) -> int:
-        return self.fabric.global_rank if self.fabric is not None else 0
+        return self.comm.rank
 
     @property
     def world_size(self) -> int:
-        return self.fabric.world_size if self.fabric is not None else 1
+        return self.comm.world_size
 
     @property
     def global_state(self) -> dict[str, Tensor]:
@@ -128,8 +132,8 @@ class Simulator:
             self.data.setup(device)
         self.model.to(device)
         self.trainer = LocalTrainer(self.data, self.fabric, self.precision)
-        self.method.experiment_seed = self.seed  # for server-side generators (never the global RNG or the rank)
-        self.method.total_rounds = self.rounds  # for schedules over training progress (e.g. DANN's)
+        # Server-side generators derive from run.seed (never the global RNG or the rank); schedules read run.rounds.
+        self.method.run = RunInfo(seed=self.seed, rounds=self.rounds, comm=self.comm)
         self.method.setup(self.model, self.data, self.trainer)
         tensors = model_tensors(self.model)
         shared_keys, personal_keys = split_keys(tensors, self.method.is_personal)
@@ -171,31 +175,52 @@ class Simulator:
             copy_tensors_(list(self._ws_personal.values()), [src[k] for k in self._ws_personal])
         return {k: v for k, v in stored.items() if not k.startswith(_MODEL)}
 
+    def load_global(self) -> None:
+        """Loads the global shared state and the default personal state (the GM) into the workspace."""
+        copy_tensors_(self._ws_shared, self._global_list)
+        if self._ws_personal:
+            copy_tensors_(list(self._ws_personal.values()), [self._default_personal[k] for k in self._ws_personal])
+
+    def save_client(self, client_id: int, state: dict[str, Tensor]) -> None:
+        """Stores the workspace's personal tensors and ``state`` (the client's other persistent tensors)."""
+        persistent = {_MODEL + k: v for k, v in self._ws_personal.items()}
+        persistent.update(state)
+        self.store.put(client_id, persistent)
+
+    def client_pass(self, client_id: int, message: ServerMessage, seed: int, body: Callable[[ClientContext], T]) -> T:
+        """The one way code runs on a client: loads its state into the workspace, seeds its generator and the
+        global RNG from ``seed``, runs ``body(ctx)``, saves its persistent state, and returns what ``body`` did.
+
+        Every client pass (the local fit, the after-aggregation pass, a method's post-training stage) goes through
+        here, so a client's random streams depend only on ``seed``: never on the rank, the world size, the clients
+        a rank ran before it, or a resume.
+        """
+        state = self.load_client(client_id)
+        # Layers that draw from the global RNG (dropout) get a stream fixed by the seed too.
+        seed_global_rng(seed ^ _GLOBAL_RNG_TAG, self.device)
+        ctx = ClientContext(client_id=client_id, round=message.round, num_samples=self._sizes[client_id],
+                            class_counts=self._class_counts[client_id], generator=torch.Generator().manual_seed(seed),
+                            device=self.device, message=message, state=state)
+        out = body(ctx)
+        self.save_client(client_id, ctx.state)
+        return out
+
+    def sync_clients(self, clients: list[int], mine: list[int]) -> None:
+        """After a client pass over ``clients`` (``mine`` on this rank): every rank sees every client's state."""
+        self.store.sync(self.comm, clients, mine)
+        if self.client_state_mode == "disk":
+            self.comm.barrier()  # other ranks read the client files written by this one
+
     def train_client(self, client_id: int, message: ServerMessage) -> tuple[dict[str, Tensor], int]:
         """Local fit of one client; folds its update into the reducer and saves its persistent state."""
-        state = self.load_client(client_id)
-        seed = self.client_seed_fn(self.seed, message.round, client_id)
-        gen = torch.Generator().manual_seed(seed)
-        # Layers that draw from the global RNG (dropout) get a stream fixed by (seed, round, client), so results do
-        # not depend on the world size, on earlier clients of the rank, or on a resume.
-        torch.manual_seed(seed ^ 0x5DEECE66D)
-        ctx = ClientContext(
-            client_id=client_id,
-            round=message.round,
-            num_samples=self._sizes[client_id],
-            class_counts=self._class_counts[client_id],
-            generator=gen,
-            device=self.device,
-            message=message,
-            state=state,
-        )
-        self.method.on_client_start(ctx)
-        sums, steps = self.trainer.fit(self.method, ctx, self.data.client_indices[client_id])
-        self.reducer.accumulate(self.method.on_client_end(ctx))
-        persistent = {_MODEL + k: v for k, v in self._ws_personal.items()}
-        persistent.update(ctx.state)
-        self.store.put(client_id, persistent)
-        return sums, steps
+        def fit(ctx: ClientContext) -> tuple[dict[str, Tensor], int]:
+            self.method.on_client_start(ctx)
+            sums, steps = self.trainer.fit(self.method, ctx, self.data.client_indices[client_id])
+            failpoint("client.end")
+            self.reducer.accumulate(self.method.on_client_end(ctx))
+            return sums, steps
+
+        return self.client_pass(client_id, message, self.client_seed_fn(self.seed, message.round, client_id), fit)
 
     # -- one round -----------------------------------------------------------------------------------------
     def run_round(self, round: int) -> RoundResult:
@@ -217,15 +242,13 @@ class Simulator:
         # Agree on the loss (and on a non-finite one) across ranks before touching the global state.
         metrics = self._train_metrics(client_sums, total_steps, cohort, mine)
         try:
-            self.reducer.reduce(self.fabric)
+            self.reducer.reduce(self.comm)
         except ExactSumOverflow as err:
             raise NonFiniteLossError(f"round {round}: {err}") from None
         self.reducer.server_step(round)
         if self.method.runs_after_aggregation:
             self._after_aggregation(round, mine)
-        self.store.sync(self.fabric, cohort, mine)
-        if self.client_state_mode == "disk" and self.world_size > 1:
-            self.fabric.barrier()  # other ranks read the client files written this round
+        self.sync_clients(cohort, mine)
         self.round = round
         metrics["time/round_s"] = time.perf_counter() - t0
         return RoundResult(round=round, cohort=cohort, metrics=metrics)
@@ -238,16 +261,9 @@ class Simulator:
         message = self.reducer.broadcast(round)
         self.model.train()
         for cid in mine:
-            state = self.load_client(cid)
-            seed = self.client_seed_fn(self.seed, round, cid) ^ _SECOND_PASS
-            torch.manual_seed(seed ^ 0x5DEECE66D)
-            ctx = ClientContext(client_id=cid, round=round, num_samples=self._sizes[cid],
-                                class_counts=self._class_counts[cid], generator=torch.Generator().manual_seed(seed),
-                                device=self.device, message=message, state=state)
-            self.method.after_aggregation(ctx, self.data.client_indices[cid])
-            persistent = {_MODEL + k: v for k, v in self._ws_personal.items()}
-            persistent.update(ctx.state)
-            self.store.put(cid, persistent)
+            indices = self.data.client_indices[cid]
+            self.client_pass(cid, message, self.client_seed_fn(self.seed, round, cid) ^ _SECOND_PASS,
+                             lambda ctx, indices=indices: self.method.after_aggregation(ctx, indices))
 
     def _train_metrics(self, client_sums: list[dict[str, Tensor]], steps: int, cohort: list[int],
                        mine: list[int]) -> dict[str, float]:
@@ -263,12 +279,10 @@ class Simulator:
                 of the cohort in client-id order is named).
         """
         local_names = sorted({k for sums in client_sums for k in sums})
-        names = self._loss_names if self.world_size > 1 else local_names
+        names = self._loss_names if self.comm.distributed else local_names
         values, flags = self._reduce_losses(names, local_names, client_sums, steps, cohort, mine)
         if values[-2] > 0:  # some rank has a part name the others do not know yet
-            gathered: list[list[str]] = [[] for _ in range(self.world_size)]
-            torch.distributed.all_gather_object(gathered, local_names)
-            names = self._loss_names = sorted(set(names).union(*gathered))
+            names = self._loss_names = sorted(set(names).union(*self.comm.all_gather_object(local_names)))
             values, flags = self._reduce_losses(names, local_names, client_sums, steps, cohort, mine)
         culprits = sorted(cid for cid, f in zip(cohort, flags) if f > 0)
         if culprits:
@@ -304,7 +318,7 @@ class Simulator:
         rows[-1, len(names) + 1] = steps
         exact = ExactSum([width], self.device)
         exact.add_rows_(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0))
-        out = exact.all_reduce(self.fabric).tolist()
+        out = exact.all_reduce(self.comm).tolist()
         return out[: len(names) + 2], out[len(names) + 2:]
 
     def should_evaluate(self, round: int) -> bool:
@@ -317,7 +331,7 @@ class Simulator:
 
     def preempted(self, flag: bool) -> bool:
         """Agree across ranks whether a preemption signal arrived."""
-        return any_rank(self.fabric, flag)
+        return self.comm.any(flag)
 
     # -- checkpoint state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,7 +1,5 @@
 """Helpers shared by methods that fine-tune locally or keep fixed tensors (FedBABU, FedETF, FedRoD, FedLoGe).
 
-* :func:`seeded_generator`: a CPU generator derived from the data seed and method-chosen words, never from the
-  global RNG or the rank (DESIGN.md section 4: anything random uses a deterministic generator).
 * :func:`trainable_only`: temporarily makes exactly the given tensors trainable.
 * :func:`finetune`: epochs of local SGD on one client's training split through the engine's trainer (so precision
   and clipping stay correct), used by ``prepare_personal`` (PM fine-tuning is never stored).
@@ -11,7 +9,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -20,20 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fedlt.engine.sharding import derive_seed
 from fedlt.methods.base import Reducer
 from fedlt.types import ClientContext, ServerMessage, StepOutput
 
 if TYPE_CHECKING:
     from fedlt.methods.base import FedMethod
-
-
-def seeded_generator(data: object, *words: str | int) -> torch.Generator:
-    """A CPU generator seeded from ``data.seed`` (the experiment seed unless the config pins the split) and
-    ``words`` (a method tag, a client id, ...). Identical on every rank and for every world size."""
-    seed = getattr(data, "seed", None) or 0
-    keys = [int(seed)] + [zlib.crc32(w.encode()) if isinstance(w, str) else int(w) for w in words]
-    return torch.Generator().manual_seed(derive_seed(*keys))
 
 
 @contextmanager

@@ -13,26 +13,6 @@ import torch
 from torch import Tensor
 
 from fedlt.engine.params import copy_tensors_
-from fedlt.engine.sharding import derive_seed
-
-
-def seeded_generator(seed: int, tag: int, *more: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, tag, *more)``.
-
-    Args:
-        seed: the experiment seed.
-        tag: a per-purpose constant (keeps streams of different uses apart).
-        *more: further integers (round, client id, ...).
-    """
-    return torch.Generator().manual_seed(derive_seed(seed, tag, *more))
-
-
-def experiment_seed(data: Any, seed: int | None) -> int:
-    """The seed for server-side draws: ``seed`` if given, else the data seed (the experiment seed unless the
-    config pins the split; 0 for tensor datasets without one)."""
-    if seed is not None:
-        return int(seed)
-    return int(getattr(data, "seed", None) or 0)
 
 
 def balanced_indices(labels: Tensor, num_classes: int, per_class: int, generator: torch.Generator) -> Tensor:

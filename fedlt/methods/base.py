@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from fedlt.engine.collectives import all_reduce_sum_
+from fedlt.engine.comm import RunInfo
 from fedlt.engine.exact import ExactSum, magnitudes
 from fedlt.engine.params import FlatLayout, copy_tensors_
 from fedlt.losses import CrossEntropy, Loss
@@ -194,6 +195,9 @@ class FedMethod:
     # Whether a global model exists for GM evaluation; a method may also set it per instance in ``setup``
     # when it depends on the model (FedBN without BatchNorm layers is FedAvg).
     has_global_model: bool = True
+    # The run this method is part of (seed, rounds, ranks), set by the Simulator before ``setup``: every
+    # server-side random draw derives from ``run.seed`` through ``fedlt.engine.sharding.seeded_generator``.
+    run: RunInfo = RunInfo()
 
     def __init__(
         self,

@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedlt.engine.sharding import seeded_generator
 from fedlt.methods._clip_kd import CLIP2FL_TEMPLATE, ClipKDClient
-from fedlt.methods._lt_common import seeded_generator
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.creff import CReFF, CReFFReducer, gradient_match_distance, synthetic_class_gradients
 from fedlt.types import PaperRef

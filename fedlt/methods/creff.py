@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlt.methods._lt_common import classifier_grad, experiment_seed, seeded_generator
+from fedlt.engine.sharding import seeded_generator
+from fedlt.methods._lt_common import classifier_grad
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import ClientContext, ClientUpdate, PaperRef
@@ -219,7 +220,7 @@ class CReFF(FedAvg):
 
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
-        self.seed_value = experiment_seed(data, self.seed)
+        self.seed_value = (self.run.seed if self.seed is None else int(self.seed))
         self.dim = int(model.num_features)
 
     def configure_reducer(self) -> Reducer:

@@ -23,7 +23,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fedlt.engine.local_loop import LocalTrainer
-from fedlt.methods._finetune import FrozenKeysReducer, client_counts, finetune, seeded_generator, trainable_only
+from fedlt.engine.sharding import seeded_generator
+from fedlt.methods._finetune import FrozenKeysReducer, client_counts, finetune, trainable_only
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import PaperRef
@@ -80,4 +81,4 @@ class FedBABU(FedAvg):
 
         with trainable_only(self.model, self.model.parameters()) as params:
             finetune(self, client_id, params, loss_fn, self.finetune_epochs, self.finetune_lr,
-                     seeded_generator(self.data, "fedbabu", client_id), self.momentum, self.weight_decay)
+                     seeded_generator(self.run.seed, "fedbabu", client_id), self.momentum, self.weight_decay)

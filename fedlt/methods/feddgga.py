@@ -306,7 +306,7 @@ class FedDGGA(FedAvg):
         else:
             sizes = torch.tensor([int(i.numel()) for i in self.data.client_indices], dtype=torch.float64)
             init = sizes / sizes.sum()
-        decay = self.decay_rounds if self.decay_rounds is not None else getattr(self, "total_rounds", None)
+        decay = self.decay_rounds if self.decay_rounds is not None else self.run.rounds
         return FedDGGAReducer(m, p, init, self.step_size, self.fair_metric, int(decay) if decay else None)
 
     # -- gap evaluation --------------------------------------------------------------------------------------

@@ -40,15 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlt.engine.local_loop import LocalTrainer
+from fedlt.engine.sharding import seeded_generator
 from fedlt.losses import BalancedSoftmax, Loss
-from fedlt.methods._finetune import (
-    FrozenKeysReducer,
-    client_counts,
-    client_features,
-    finetune,
-    seeded_generator,
-    trainable_only,
-)
+from fedlt.methods._finetune import FrozenKeysReducer, client_counts, client_features, finetune, trainable_only
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import PaperRef
@@ -143,7 +137,7 @@ class FedETF(FedAvg):
         device = next(model.parameters()).device
         proj_dim = self.proj_dim if self.proj_dim is not None else self.num_classes
         head = ETFHead(model.num_features, self.num_classes, proj_dim, self.beta_init,
-                       seeded_generator(data, "fedetf"))
+                       seeded_generator(self.run.seed, "fedetf"))
         model.head = head.to(device)  # the FedModel contract: the classifier keeps the name ``head``
 
     @property
@@ -155,7 +149,7 @@ class FedETF(FedAvg):
 
     def prepare_personal(self, client_id: int) -> None:
         """The paper's local adaptation (module docstring); the workspace is reloaded afterwards."""
-        gen = seeded_generator(self.data, "fedetf-personal", client_id)
+        gen = seeded_generator(self.run.seed, "fedetf-personal", client_id)
         if self.adapt_epochs > 0:
             counts = client_counts(self, client_id)
             with trainable_only(self.model, [p for p in self.model.parameters() if p.requires_grad]) as params:

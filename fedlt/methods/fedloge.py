@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlt.methods._finetune import FrozenKeysReducer, client_features, finetune, seeded_generator, trainable_only
+from fedlt.engine.sharding import seeded_generator
+from fedlt.methods._finetune import FrozenKeysReducer, client_features, finetune, trainable_only
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
 from fedlt.methods.fedetf import simplex_etf
@@ -216,21 +217,21 @@ class FedLoGe(FedAvg):
         device, d, c = head.weight.device, model.num_features, self.num_classes
         if d < c:
             raise ValueError(f"FedLoGe's SSE-C needs feature dimension d >= C, got d={d}, C={c}")
-        gen = seeded_generator(data, "fedloge-sse-c")
+        gen = seeded_generator(self.run.seed, "fedloge-sse-c")
         w, _ = build_sse_c(d, c, self.beta, self.gamma, self.sse_steps, self.sse_lr, gen, device)
         bias = None
         if self.sse_bias == "random_frozen":
             bound = 1.0 / math.sqrt(d)
             bias = (torch.rand(c, generator=gen) * 2 * bound - bound).to(device)
         weight = w.t().contiguous()
-        fabric = getattr(trainer, "fabric", None)
-        if fabric is not None and fabric.world_size > 1:  # GPU optimisation may differ in the last bits per rank
-            weight = fabric.broadcast(weight.cpu(), src=0).to(device)
-            bias = fabric.broadcast(bias.cpu(), src=0).to(device) if bias is not None else None
+        comm = self.run.comm
+        if comm.distributed:  # GPU optimisation may differ in the last bits per rank
+            weight = comm.broadcast(weight.cpu(), src=0).to(device)
+            bias = comm.broadcast(bias.cpu(), src=0).to(device) if bias is not None else None
         model.sse = SSEClassifier(weight, bias)
         # The local head: nn.Linear's default init from a seeded generator (no global RNG; same on every rank).
         local = nn.utils.skip_init(nn.Linear, d, c, device=device, dtype=head.weight.dtype)
-        lgen = seeded_generator(data, "fedloge-local-head")
+        lgen = seeded_generator(self.run.seed, "fedloge-local-head")
         with torch.no_grad():
             local.weight.copy_(nn.init.kaiming_uniform_(torch.empty(c, d), a=math.sqrt(5), generator=lgen))
             local.bias.copy_(torch.rand(c, generator=lgen) * 2 / math.sqrt(d) - 1 / math.sqrt(d))
@@ -315,7 +316,7 @@ class FedLoGe(FedAvg):
                 return F.cross_entropy(self._personal_logits(h, weight, bias), y)
 
             cached = client_features(self, client_id)
-            gen = seeded_generator(self.data, "fedloge-la-fr", client_id)
+            gen = seeded_generator(self.run.seed, "fedloge-la-fr", client_id)
             with trainable_only(self.model, [weight, bias]) as params:
                 finetune(self, client_id, params, loss_fn, self.la_fr_finetune_epochs, self.lr, gen, self.momentum,
                          self.weight_decay, cached=cached)

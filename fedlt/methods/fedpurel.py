@@ -80,10 +80,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlt.engine.params import model_tensors
 from fedlt.engine.sharding import derive_seed, sample_cohort
 from fedlt.methods._clip import require_clip
-from fedlt.methods._finetune import client_counts
 from fedlt.methods._tkl import DIRECTIONS, aligned_temperatures, plain_kl, tkl
 from fedlt.methods.base import METHODS
 from fedlt.methods.fedavg import FedAvg
@@ -97,7 +95,6 @@ PERSONAL_PREFIX = f"peft.{PERSONAL}."
 PURIFICATIONS = ("per_tensor", "global")
 STAGE2_SCHEDULES = ("interleaved", "post_hoc")
 ALIGNMENTS = ("tkl", "kl")
-_STORE_MODEL = "model."  # the simulator's prefix of model tensors in the client store
 _INIT_TAG, _POST_HOC_TAG = 0xF0_9E1, 0xF0_9E2
 
 
@@ -265,7 +262,7 @@ class FedPuReL(FedAvg):
             # Before the engine splits the keys; seeded so that every rank builds the same phi_k initialisation.
             with torch.random.fork_rng(devices=[]):
                 torch.random.default_generator.manual_seed(  # CPU only: fork_rng restores it
-                    derive_seed(int(getattr(self, "experiment_seed", 0) or 0), _INIT_TAG))
+                    derive_seed(self.run.seed, _INIT_TAG))
                 clip.add_branch(PERSONAL)
         super().setup(model, data, trainer)
         self.clip = clip
@@ -423,23 +420,11 @@ class FedPuReL(FedAvg):
         clients = list(range(self.data.num_clients))
         mine = [c for c in clients if c % sim.world_size == sim.rank]
         message = sim.reducer.broadcast(sim.round)
-        seed0 = int(getattr(self, "experiment_seed", 0) or 0)
         for cid in mine:
-            state = sim.load_client(cid)
-            seed = derive_seed(seed0, _POST_HOC_TAG, cid)
-            torch.manual_seed(seed ^ 0x5DEECE66D)  # LoRA dropout stream, independent of rank and order
             indices = self.data.client_indices[cid]
-            ctx = ClientContext(client_id=cid, round=sim.round, num_samples=int(indices.numel()),
-                                class_counts=client_counts(self, cid), generator=torch.Generator().manual_seed(seed),
-                                device=sim.device, message=message, state=state)
-            self.train_personal(ctx, indices, self.stage2_epochs)
-            tensors = model_tensors(self.model)
-            persistent = {_STORE_MODEL + k: tensors[k] for k in self.personal_keys}
-            persistent.update(ctx.state)
-            sim.store.put(cid, persistent)
-        sim.store.sync(sim.fabric, clients, mine)
-        if sim.client_state_mode == "disk" and sim.world_size > 1:
-            sim.fabric.barrier()
+            sim.client_pass(cid, message, derive_seed(self.run.seed, _POST_HOC_TAG, cid),
+                            lambda ctx, indices=indices: self.train_personal(ctx, indices, self.stage2_epochs))
+        sim.sync_clients(clients, mine)
         return True
 
     # -- inference -------------------------------------------------------------------------------------------

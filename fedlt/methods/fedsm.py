@@ -76,8 +76,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedlt.engine.exact import ExactSum
+from fedlt.engine.sharding import seeded_generator
 from fedlt.methods._clip_kd import CLIP2FL_TEMPLATE, ClipKDClient
-from fedlt.methods._lt_common import experiment_seed, load_global_into_workspace, seeded_generator
+from fedlt.methods._lt_common import load_global_into_workspace
 from fedlt.methods._relevance import DIAGONALS, SELECTION_RULES, check_encoder, class_relevance, draw_sources
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.creff import linear_init, train_linear_head
@@ -152,7 +153,7 @@ class FedSMReducer(Reducer):
     def __init__(self, method: FedSM) -> None:
         super().__init__(extras={"cohort": (method.data.num_clients,)})
         self.method = method
-        self._fabric: Any = None
+        self._comm: Any = None
         self._mine: list[int] = []
 
     def setup(self, global_state: dict[str, Tensor], device: torch.device) -> None:
@@ -172,7 +173,7 @@ class FedSMReducer(Reducer):
         self._mine.append(int(update.client_id))
 
     def reduce(self, fabric: Any) -> None:
-        self._fabric = fabric
+        self._comm = self.method.run.comm if fabric is None else fabric
         super().reduce(fabric)
 
     def server_step(self, round: int) -> None:
@@ -186,8 +187,7 @@ class FedSMReducer(Reducer):
         """This rank's share of the prototype pass: its cohort clients, then every ``world``-th other client."""
         if self.method.prototype_clients == "cohort":
             return list(self._mine)
-        fabric = self._fabric
-        rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+        rank, world = self._comm.global_rank, self._comm.world_size
         cohort = set((self.extras_sum["cohort"] > 0.5).nonzero().flatten().tolist())
         others = [k for k in range(self.method.data.num_clients) if k not in cohort]
         return list(self._mine) + others[rank::world]
@@ -205,7 +205,7 @@ class FedSMReducer(Reducer):
             acc.add_([prototype_contribution(means, n, m.normalize_prototypes), n])
             if cid in self._mine:
                 cached[cid] = (feats, labels)
-        total = acc.all_reduce(self._fabric).float()
+        total = acc.all_reduce(self._comm).float()
         sums, counts = total[: c * d].view(c, d), total[c * d :]
         fresh = counts > 0
         self.prototypes[fresh] = global_prototypes(sums, counts)[fresh]
@@ -215,7 +215,7 @@ class FedSMReducer(Reducer):
             head = m.retrain_head(cid, round, self.prototypes, self.seen, feats, labels)
             if head is not None:
                 acc.add_([torch.cat([head[0].flatten(), head[1], head[1].new_ones(1)])])
-        heads = acc.all_reduce(self._fabric).float()
+        heads = acc.all_reduce(self._comm).float()
         load_global_into_workspace(m, self.global_state)  # drop BatchNorm statistics touched by the pass
         if float(heads[-1]) <= 0:
             return
@@ -352,7 +352,7 @@ class FedSM(ClipKDClient, FedAvg):
 
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
-        self.seed_value = experiment_seed(data, self.seed)
+        self.seed_value = (self.run.seed if self.seed is None else int(self.seed))
         self.dim = int(model.num_features)
         head = getattr(model, "head", None)
         if (self.retrain_init == "received" or self.retrained_head_use == "replace") and not (
@@ -369,7 +369,7 @@ class FedSM(ClipKDClient, FedAvg):
 
     def is_retraining_round(self, round: int) -> bool:
         """Whether the classifier is re-trained after round ``round`` (1-based): r >= R - crt_rounds (code*)."""
-        return self.crt_rounds is not None and round >= getattr(self, "total_rounds", 0) - self.crt_rounds
+        return self.crt_rounds is not None and round >= self.run.rounds - self.crt_rounds
 
     # -- local training (the CE + KD step is ClipKDClient's) --------------------------------------------------------
     def on_client_end(self, ctx: ClientContext) -> ClientUpdate:

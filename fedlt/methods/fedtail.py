@@ -297,7 +297,6 @@ class FedTAIL(FedAvg):
         self.adv_schedule = adv_schedule
         self.coherence = coherence
         self.coherence_alpha = coherence_alpha
-        self.total_rounds = 1  # set by the simulator (DANN schedule progress)
 
     # -- wiring ----------------------------------------------------------------------------------------------
     @property
@@ -383,7 +382,7 @@ class FedTAIL(FedAvg):
     def _kappa(self) -> float:
         if self.adv_schedule == "constant":
             return self.adv_coeff
-        progress = ((self._ctx.round - 1) + self._step / self._steps_per_round) / max(1, self.total_rounds)
+        progress = ((self._ctx.round - 1) + self._step / self._steps_per_round) / max(1, self.run.rounds)
         return self.adv_coeff * dann_coefficient(progress)
 
     @torch.no_grad()

@@ -36,13 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fedlt.methods._lt_common import (
-    balanced_indices,
-    classifier_grad,
-    experiment_seed,
-    load_global_into_workspace,
-    seeded_generator,
-)
+from fedlt.engine.sharding import seeded_generator
+from fedlt.methods._lt_common import balanced_indices, classifier_grad, load_global_into_workspace
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import ClientContext, PaperRef, StepOutput
@@ -165,7 +160,7 @@ class RatioLoss(FedAvg):
 
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
-        gen = seeded_generator(experiment_seed(data, self.seed), _AUX_TAG)
+        gen = seeded_generator((self.run.seed if self.seed is None else int(self.seed)), _AUX_TAG)
         self.aux_indices = balanced_indices(data.train.y, self.num_classes, self.aux_per_class, gen)
 
     def configure_reducer(self) -> Reducer:

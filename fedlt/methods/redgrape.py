@@ -270,7 +270,7 @@ class RedGrape(FedAvg):
         if not isinstance(head, nn.Linear) or head.out_features != self.num_classes:
             raise ValueError("RedGrape needs a linear head nn.Linear(num_features, num_classes) as model.head")
         d, c = head.in_features, head.out_features
-        gen = torch.Generator().manual_seed(derive_seed(int(getattr(self, "experiment_seed", 0) or 0), _INIT_TAG))
+        gen = torch.Generator().manual_seed(derive_seed(self.run.seed, _INIT_TAG))
         bound = 1.0 / math.sqrt(d)  # nn.Linear's default: kaiming_uniform(a=sqrt(5)) and the bias bound
         weight = (torch.rand(c, d, generator=gen, dtype=torch.float64) * 2 - 1) * bound
         bias = (torch.rand(c, generator=gen, dtype=torch.float64) * 2 - 1) * bound

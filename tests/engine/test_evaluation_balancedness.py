@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedlt.engine.comm import Comm
 from fedlt.engine.evaluation import Evaluator
 
 C = 3
@@ -63,7 +64,7 @@ def _evaluator(personalizes: bool = False, masking: bool = False, personal_bias:
         eval_batch_size=3,
         rank=0,
         world_size=1,
-        fabric=None,
+        comm=Comm(),
         model=model,
         method=_Method(personalizes, personal_bias),
         trainer=SimpleNamespace(autocast=contextlib.nullcontext),

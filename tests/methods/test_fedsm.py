@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import global_copy, run, tiny_sim
 
+from fedlt.engine.comm import RunInfo
 from fedlt.methods._clip_kd import build_clip_teacher, clip_kd_loss, teacher_logits
 from fedlt.methods._relevance import class_relevance, class_selection_probabilities, draw_sources, relevance_matrix
 from fedlt.methods.fedsm import (
@@ -233,7 +234,7 @@ def test_prototype_pass_is_sharded_over_ranks():
     red.extras_sum["cohort"].zero_()[cohort] = 1.0  # as after the all-reduce of the cohort flags
     shares = []
     for rank, mine in enumerate((cohort[:2], cohort[2:])):
-        red._mine, red._fabric = list(mine), SimpleNamespace(global_rank=rank, world_size=2)
+        red._mine, red._comm = list(mine), SimpleNamespace(global_rank=rank, world_size=2)
         shares.append(red._prototype_clients())
     assert sorted(shares[0] + shares[1]) == list(range(sim.data.num_clients))  # every client exactly once
 
@@ -241,7 +242,7 @@ def test_prototype_pass_is_sharded_over_ranks():
 # -- the method in the simulator ----------------------------------------------------------------------------------
 def test_retraining_rounds_follow_the_code_schedule():
     m = _fedsm(crt_rounds=90)
-    m.total_rounds = 200
+    m.run = RunInfo(rounds=200)
     assert [r for r in range(1, 201) if m.is_retraining_round(r)] == list(range(110, 201))
     m.crt_rounds = None
     assert not any(m.is_retraining_round(r) for r in range(1, 201))
