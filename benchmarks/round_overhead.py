@@ -248,13 +248,14 @@ class Bench:
 
     def _time(self, run_round: Callable[[int], Any], rounds: int, sync: bool = True) -> list[float]:
         """Per-round wall times; with ``sync`` every round starts right after a barrier (fedlt over ranks)."""
-        times = []
+        times, self.last_cpu = [], []
         for r in range(1, rounds + 1):
             if sync:
                 self._barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run_round(r)
             times.append(time.perf_counter() - t0)
+            self.last_cpu.append(time.process_time() - c0)  # this process's CPU time: robust to other load
         return times
 
     def check(self) -> float:
@@ -282,7 +283,9 @@ class Bench:
         t0 = time.perf_counter()
         sim = build_simulator(self.fabric, self.w, self.x, self.y, rounds)
         startup = time.perf_counter() - t0
-        return plain, self._time(sim.run_round, rounds), startup
+        fedlt = self._time(sim.run_round, rounds)
+        self.fedlt_cpu = list(self.last_cpu)
+        return plain, fedlt, startup
 
     def run_float_pass(self) -> list[float]:
         """One fedlt run with the float (order-dependent) reduction, for the cost of the exact one."""
@@ -338,7 +341,10 @@ def bench_workload(fabric: Any, w: Workload, passes: int, default_threads: int, 
                                  "fedlt_startup_s": startup})
         if float_too:
             fl = _summary(bench.run_float_pass())
-            result["passes"][-1].update(fedlt_float=fl, exact_vs_float=fs["median"] / fl["median"])
+            cpu_exact, cpu_float = _summary(bench.fedlt_cpu), _summary(bench.last_cpu)
+            result["passes"][-1].update(fedlt_float=fl, exact_vs_float=fs["median"] / fl["median"],
+                                        cpu_exact=cpu_exact, cpu_float=cpu_float,
+                                        exact_vs_float_cpu=cpu_exact["median"] / cpu_float["median"])
     if profile:
         bench.profile_fedlt()
     result["peak_rss_mb_per_rank"] = bench.peak_rss()
@@ -347,6 +353,7 @@ def bench_workload(fabric: Any, w: Workload, passes: int, default_threads: int, 
         result["ratio_median"] = statistics.median(ratios)
         if float_too:
             result["exact_vs_float_median"] = statistics.median(p["exact_vs_float"] for p in result["passes"])
+            result["exact_vs_float_cpu_median"] = statistics.median(p["exact_vs_float_cpu"] for p in result["passes"])
     return result
 
 
@@ -375,6 +382,8 @@ def print_table(name: str, res: dict[str, Any], devices: int) -> None:
         floats = ", ".join(_fmt(p["fedlt_float"]).strip() for p in res["passes"])
         print(f"fedlt with the float reduction per pass: {floats}; exact/float: median "
               f"{res['exact_vs_float_median']:.3f} ({per})")
+        cpu = ", ".join(f"{p['exact_vs_float_cpu']:.3f}" for p in res["passes"])
+        print(f"exact/float in process CPU time per round: median {res['exact_vs_float_cpu_median']:.3f} ({cpu})")
     cold, setup = res["cold_first_round_s"], res["passes"][0]["fedlt_startup_s"]
     print(f"cold start: first round in this process plain {cold['plain'] * 1e3:.1f} ms, fedlt "
           f"{cold['fedlt'] * 1e3:.1f} ms; fedlt data+Simulator setup {setup * 1e3:.1f} ms")

@@ -22,7 +22,7 @@ from fedlt.engine.checkpoint import (
     prune_checkpoints,
     save_atomic,
 )
-from fedlt.engine.collectives import any_rank
+from fedlt.engine.comm import Comm
 from fedlt.engine.faults import failpoint
 from fedlt.engine.local_loop import NonFiniteLossError
 from fedlt.engine.rundir import (
@@ -95,7 +95,7 @@ class Experiment:
 
     def build_simulator(self) -> Simulator:
         """Sets the data up on the device, builds the model from the seed and wires the simulator."""
-        device = self.fabric.device if self.fabric is not None else torch.device("cpu")
+        device = self.comm.device
         self.data.setup(device)
         torch.manual_seed(self.seed)
         m = self.model_cfg
@@ -111,7 +111,12 @@ class Experiment:
 
     @property
     def is_rank_zero(self) -> bool:
-        return self.fabric is None or self.fabric.global_rank == 0
+        return self.comm.is_rank_zero
+
+    @property
+    def comm(self) -> Comm:
+        """The ranks of this run (a single process before :meth:`launch` or without Fabric)."""
+        return Comm(self.fabric)
 
     def _print(self, text: str) -> None:
         if self.is_rank_zero:
@@ -157,7 +162,7 @@ class Experiment:
                 self._check_partition_record(ckpt_file)
                 _load_simulator_state(sim, ckpt, ckpt_file)
                 history = {int(r): m for r, m in ckpt["history"].items()}
-            if any_rank(self.fabric, flag.raised):  # a signal during start-up, on any rank
+            if self.comm.any(flag.raised):  # a signal during start-up, on any rank
                 self._print("preempted during start-up, before anything was written; rerun with --resume auto")
                 return {"preempted": True, "round": sim.round}
             lock = self._lock_run_dir(ckpt_file)
@@ -303,7 +308,7 @@ class Experiment:
                                "continue it with --resume auto")
             except RunDirBusy as err:
                 problem = str(err)
-        if any_rank(self.fabric, problem is not None):
+        if self.comm.any(problem is not None):
             lock.release()  # a no-op unless this process took it: a busy directory keeps its holder's note
             raise UserError(problem or f"rank 0 could not take the run directory {self.run_dir}")
         if self.is_rank_zero:
@@ -338,8 +343,7 @@ class Experiment:
             save_atomic({"simulator": state, "history": history, "wandb_id": self._wandb_id,
                          "config": self.config_yaml, "seed": self.seed}, checkpoint_path(self.run_dir, sim.round))
             prune_checkpoints(self.run_dir, self.trainer_cfg.keep_checkpoints)
-        if self.fabric is not None and self.fabric.world_size > 1:
-            self.fabric.barrier()
+        sim.comm.barrier()
         kept = list_checkpoints(self.run_dir) if self.trainer_cfg.keep_checkpoints > 0 else []
         if kept:  # disk client state: versions that no kept checkpoint can need may go
             sim.store.retain_from(kept[0][0])
@@ -367,8 +371,7 @@ class Experiment:
 
     def _environment_record(self) -> dict[str, Any]:
         t = self.trainer_cfg
-        device = self.fabric.device if self.fabric is not None else "cpu"
-        world = self.fabric.world_size if self.fabric is not None else 1
+        device, world = self.comm.device, self.comm.world_size
         return environment_record(device, world_size=world, precision=t.precision, num_nodes=t.num_nodes)
 
     def _record_environment(self, sim: Simulator, ckpt_file: Path | None,

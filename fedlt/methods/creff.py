@@ -220,7 +220,7 @@ class CReFF(FedAvg):
 
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
-        self.seed_value = (self.run.seed if self.seed is None else int(self.seed))
+        self.seed_value = self.run.seed if self.seed is None else int(self.seed)
         self.dim = int(model.num_features)
 
     def configure_reducer(self) -> Reducer:

@@ -352,7 +352,7 @@ class FedSM(ClipKDClient, FedAvg):
 
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
-        self.seed_value = (self.run.seed if self.seed is None else int(self.seed))
+        self.seed_value = self.run.seed if self.seed is None else int(self.seed)
         self.dim = int(model.num_features)
         head = getattr(model, "head", None)
         if (self.retrain_init == "received" or self.retrained_head_use == "replace") and not (

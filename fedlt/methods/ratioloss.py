@@ -160,7 +160,7 @@ class RatioLoss(FedAvg):
 
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
-        gen = seeded_generator((self.run.seed if self.seed is None else int(self.seed)), _AUX_TAG)
+        gen = seeded_generator(self.run.seed if self.seed is None else int(self.seed), _AUX_TAG)
         self.aux_indices = balanced_indices(data.train.y, self.num_classes, self.aux_per_class, gen)
 
     def configure_reducer(self) -> Reducer:
