@@ -113,7 +113,8 @@ def _files(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("cohort, split", [(3, [1, 2]), (1, [0, 1])], ids=["uneven-cohort", "idle-rank"])
+# An idle rank, and 3 ranks, for every method: tests/methods/test_contract.py::test_world_size_invariance_is_bitwise
+@pytest.mark.parametrize("cohort, split", [(3, [1, 2])], ids=["uneven-cohort"])
 def test_two_processes_give_the_same_global_weights_and_metrics_as_one(tmp_path, cohort, split):
     one, two = tmp_path / "one", tmp_path / "two"
     args = ("fit", "--config", TINY, "--trainer.clients_per_round", str(cohort))
@@ -165,7 +166,8 @@ def _kill_after_checkpoint(run: Path, sig: int, rounds: int, round: int = 2) -> 
     return proc.returncode, out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "sigterm"])
+# kill -9 at many more instants, stores, methods and rank counts: tests/cli/test_crash_consistency.py
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["sigterm"])
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, sig):
     rounds = 6
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -183,8 +185,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, sig):
     a = json.loads((full / "final.json").read_text())
     b = json.loads((cut / "final.json").read_text())
     assert a["rounds"] == b["rounds"] == list(range(1, rounds + 1))
-    for k, v in a["mean_last"].items():
-        assert b["mean_last"][k] == pytest.approx(v, abs=1e-6, nan_ok=True), k
+    assert _untimed(b) == _untimed(a)  # bit for bit
     rows = list(csv.DictReader((cut / "metrics.csv").open()))
     assert [int(r["round"]) for r in rows] == list(range(1, rounds + 1))
 
