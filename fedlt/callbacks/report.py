@@ -86,7 +86,7 @@ def _pct(v: float | None) -> str:
 
 def domain_summary(reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Leave-one-domain-out summary: each target's accuracy (mean of the last evaluated rounds, last round, and the
-    round chosen by source-domain validation) and the mean over targets (methods.md 1.8).
+    round chosen by source-domain validation) and the mean over targets (docs/reference.md 1.8).
 
     Args:
         reports: target domain name -> :func:`final_report` of the run that held it out.

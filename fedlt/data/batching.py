@@ -1,4 +1,5 @@
-"""How ``FederatedDataset.get_batch`` turns stored images into model inputs (DESIGN.md 3, methods.md 1.9).
+"""How ``FederatedDataset.get_batch`` turns stored images into model inputs (docs/architecture.md 3,
+docs/reference.md 1.9).
 
 Small datasets live on the device as uint8 tensors and are batched by index with tensor augmentation, so there is
 no DataLoader per client. Large or file-backed (memory-mapped) images stay on the host and only each batch travels

@@ -1,4 +1,4 @@
-"""Multi-domain data and the leave-one-domain-out protocol of federated domain generalization (methods.md 1.8).
+"""Multi-domain data and the leave-one-domain-out protocol of federated domain generalization (docs/reference.md 1.8).
 
 A :class:`DomainSource` loads every image of every domain at once as a :class:`DomainData` (flat uint8 tensors
 with a label, a domain id and an official-split id per image). :func:`leave_one_domain_out` turns it into the
@@ -148,7 +148,7 @@ def leave_one_domain_out(
     val_fraction: float = 0.1,
     seed: int = 0,
 ) -> DomainSplit:
-    """Splits a multi-domain dataset for one target domain (methods.md 1.8).
+    """Splits a multi-domain dataset for one target domain (docs/reference.md 1.8).
 
     Every image of ``target`` (whatever its official split) is test data and nothing else. Each source domain's
     images are divided into train and validation: by the official split files when the dataset has them (val and

@@ -1,4 +1,4 @@
-"""Equal-size non-IID partitions (methods.md 1.3): P-C, the grouped Dirichlet of CReFF / CLIP2FL / FedSM's code
+"""Equal-size non-IID partitions (docs/reference.md 1.3): P-C, the grouped Dirichlet of CReFF / CLIP2FL / FedSM's code
 (``GroupedDirichlet``), and P-D, RedGrape's client-wise Dirichlet over the global prior (``DirichletPrior``).
 
 Both register in ``fedlt.data.partition.PARTITIONERS`` (``grouped_dirichlet``, ``dirichlet_prior``).
@@ -19,7 +19,7 @@ __all__ = ["DirichletPrior", "GroupedDirichlet", "dirichlet_prior_partition", "g
 def grouped_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
                                 group_size: int = 10, min_fraction: float = 0.5,
                                 max_tries: int = 1000) -> list[np.ndarray]:
-    """P-C: CReFF's / CLIP2FL's / FedSM's equal-size Dirichlet split (methods.md 1.3, Appendix R S18).
+    """P-C: CReFF's / CLIP2FL's / FedSM's equal-size Dirichlet split (docs/reference.md 1.3, Appendix R S18).
 
     The shuffled training set is cut into ceil(K / group_size) consecutive slices, one per group of
     ``group_size`` clients (the last group takes the remaining clients and samples; each other slice holds
@@ -91,7 +91,7 @@ def _take_from_pools(pools: list[list[int]], want: np.ndarray, budget: int) -> l
 
 
 def dirichlet_prior_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
-    """P-D client-wise Dirichlet with the global prior and equal client sizes (RedGrape's code, methods.md 1.3).
+    """P-D client-wise Dirichlet with the global prior and equal client sizes (RedGrape's code, docs/reference.md 1.3).
 
     For every client k but the last: q_k ~ Dir(alpha * p_global) over the classes present, with p_global the
     training label frequencies; the client receives N // K samples, round(q_{k,c} * N / K) of class c taken from
@@ -146,7 +146,8 @@ class DirichletPrior(Partitioner):
 
 @PARTITIONERS.register("grouped_dirichlet")
 class GroupedDirichlet(Partitioner):
-    """P-C grouped Dirichlet with equal client sizes (CReFF / CLIP2FL / FedSM's code; methods.md 1.3, Appendix R S18).
+    """P-C grouped Dirichlet with equal client sizes (CReFF / CLIP2FL / FedSM's code; docs/reference.md 1.3, Appendix
+    R S18).
 
     Args:
         alpha: Dirichlet concentration (FedSM / CReFF: 0.5).

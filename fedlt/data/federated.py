@@ -1,9 +1,10 @@
 """``FederatedDataset``: LT subsampling, partition, local test sets and class groups on device tensors.
 
 Small datasets live on the device as uint8 tensors and are batched by index with tensor augmentation
-(DESIGN.md 3), so there is no DataLoader per client. Large or file-backed (memory-mapped) images stay on the host
+(docs/architecture.md 3), so there is no DataLoader per client. Large or file-backed (memory-mapped) images stay on
+the host
 and only each batch travels to the device; how a batch is gathered, augmented, resized and normalised lives in
-``fedlt.data.batching``. See methods.md 1.2 (LT profile), 1.3 (partitions), 1.5 (local test sets), 1.6 (class
+``fedlt.data.batching``. See docs/reference.md 1.2 (LT profile), 1.3 (partitions), 1.5 (local test sets), 1.6 (class
 groups) and 1.9 (FedPuReL's CLIP inputs).
 """
 
@@ -40,7 +41,7 @@ class FederatedDataset:
         partition: how training samples are split over clients; default ``Dirichlet()`` (NIID-Bench, alpha 0.5).
             ``HierarchicalPooled`` (P-E) splits the pool LT-train + test set: client train sets come from the
             train part, local test sets from the test part; the global test set stays the full balanced one.
-        local_test: local test protocol for personalised evaluation (methods.md 1.5): ``proportional`` (T-A, the
+        local_test: local test protocol for personalised evaluation (docs/reference.md 1.5): ``proportional`` (T-A, the
             default), ``same_share`` (T-B: the test set cut with the train split's Dirichlet proportions; needs a
             partitioner that records them, ``dirichlet`` or ``dirichlet_no_cap``), ``balanced`` (T-D: every class
             split evenly over all clients), ``independent`` (T-E: a fresh P-F draw with the partitioner's alpha),
@@ -52,11 +53,12 @@ class FederatedDataset:
             augmentation off entirely.
         mask_absent_classes: PM evaluation only: classes with no sample in a client's local test set can never be
             predicted for that client (their logits are set to the lowest value). FedLoGe's official code does
-            this (methods.md 1.5); it leaks the local label support into PM, so it is off by default and recorded
+            this (docs/reference.md 1.5); it leaks the local label support into PM, so it is off by default and recorded
             in the partition summary.
         seed: seed of the LT subsample, the partition and the local test draws; ``None`` (default) uses the
             experiment seed, so a seed sweep also varies the split.
-        target_domain: multi-domain sources only (PACS, Digits-DG, ...; methods.md 1.8): the held-out domain whose
+        target_domain: multi-domain sources only (PACS, Digits-DG, ...; docs/reference.md 1.8): the held-out domain
+            whose
             every image is the test set and never a training or validation image. ``all`` is expanded by
             ``fedlt fit`` into one run per domain plus the mean.
         domain_layout: multi-domain sources only: ``per_domain`` (one client per source domain, the default),
@@ -246,7 +248,7 @@ class FederatedDataset:
         return lt_idx[kept], dataclasses.replace(result, indices=[pos[p] for p in result.indices])
 
     def _build_domains(self, data: DomainData) -> None:
-        """Leave-one-domain-out split (methods.md 1.8) of a multi-domain dataset."""
+        """Leave-one-domain-out split (docs/reference.md 1.8) of a multi-domain dataset."""
         seed = 0 if self.seed is None else self.seed
         labels, dom = data.y.numpy(), data.domain.numpy()
         target = data.domains.index(self.target_domain)

@@ -1,4 +1,4 @@
-"""Per-client local test sets for personalised-model (PM) evaluation (methods.md 1.5).
+"""Per-client local test sets for personalised-model (PM) evaluation (docs/reference.md 1.5).
 
 Pure protocol functions (T-A ``proportional_local_test``, T-B ``same_share_local_test``, T-D
 ``balanced_local_test``, T-E ``independent_local_test``) and the ``LOCAL_TEST_PROTOCOLS`` registry that
@@ -32,7 +32,7 @@ _SAME_SHARE_STREAM, _BALANCED_STREAM, _INDEPENDENT_STREAM = 0xB, 0xD, 0xE
 
 
 def local_test_quotas(client_class_counts: np.ndarray, test_size: int) -> np.ndarray:
-    """Target local test counts ``m_{k,c} = floor(n_{k,c} / N * |Test|)`` (methods.md 1.5, T-A).
+    """Target local test counts ``m_{k,c} = floor(n_{k,c} / N * |Test|)`` (docs/reference.md 1.5, T-A).
 
     Integer arithmetic gives the exact floor, free of the float rounding of ``n / N * |Test|``.
 
@@ -257,7 +257,7 @@ LOCAL_TEST_PROTOCOLS: dict[str, Callable[[LocalTestContext], LocalTestResult]] =
     "independent": _independent,
     "pooled": _pooled,
 }
-"""Local test protocols of methods.md 1.5 by config name: ``proportional`` (T-A, the library default), ``none``
+"""Local test protocols of docs/reference.md 1.5 by config name: ``proportional`` (T-A, the library default), ``none``
 (the default for multi-domain data: no personalised model is evaluated), ``same_share`` (T-B), ``balanced``
 (T-D), ``independent`` (T-E, a fresh P-F draw with the train partitioner's alpha, else 1.0) and ``pooled`` (T-C,
 only with ``HierarchicalPooled``, whose default it is)."""

@@ -1,7 +1,7 @@
-"""Long-tailed subsampling and many/medium/few class groups (methods.md 1.2 and 1.6).
+"""Long-tailed subsampling and many/medium/few class groups (docs/reference.md 1.2 and 1.6).
 
 The long-tail profile follows Cao et al. (2019): class 0 is the head, classes keep their natural label order,
-and the test set stays balanced. Group conventions are those of methods.md 1.6 (OLTR thresholds, FedLoGe
+and the test set stays balanced. Group conventions are those of docs/reference.md 1.6 (OLTR thresholds, FedLoGe
 cumulative shares, equal thirds).
 """
 
@@ -63,7 +63,7 @@ def longtail_counts(
 ) -> np.ndarray:
     """Per-class training counts of a long-tailed profile.
 
-    ``exp`` (methods.md 1.2): ``n_c = floor(n_max * IF^(-c/(C-1)))``, so ``n_0 = n_max`` and
+    ``exp`` (docs/reference.md 1.2): ``n_c = floor(n_max * IF^(-c/(C-1)))``, so ``n_0 = n_max`` and
     ``n_{C-1} = floor(n_max / IF)``. ``step`` (Cao et al. 2019): the first ``C - int(step_frac * C)`` classes
     keep ``n_max`` and the remaining ``int(step_frac * C)`` minority classes get ``floor(n_max / IF)``.
 
@@ -100,7 +100,7 @@ def longtail_indices(
     """Indices of a long-tailed subsample of a (roughly) balanced labelled set.
 
     Each class's indices are shuffled with one ``np.random.default_rng(seed)`` stream, class by class in class
-    order, and the first ``n_c`` are kept (methods.md 1.2: "shuffle each class's indices with a fixed seed,
+    order, and the first ``n_c`` are kept (docs/reference.md 1.2: "shuffle each class's indices with a fixed seed,
     keep the first n_c").
 
     Args:
@@ -139,7 +139,7 @@ def longtail_indices(
 
 
 def _groups_counts(counts: np.ndarray, many_threshold: int, few_threshold: int) -> np.ndarray:
-    # OLTR (Liu et al. 2019): many n_c > 100, few n_c < 20, medium otherwise (methods.md 1.6).
+    # OLTR (Liu et al. 2019): many n_c > 100, few n_c < 20, medium otherwise (docs/reference.md 1.6).
     groups = np.ones(counts.shape[0], dtype=np.int64)
     groups[counts > many_threshold] = 0
     groups[counts < few_threshold] = 2
@@ -183,7 +183,7 @@ def class_groups(
     few_threshold: int = 20,
     cumulative: tuple[float, float] = (0.75, 0.95),
 ) -> np.ndarray:
-    """Many/medium/few group of every class from global training counts (methods.md 1.6).
+    """Many/medium/few group of every class from global training counts (docs/reference.md 1.6).
 
     Args:
         class_counts: global training count per class, shape (C,).

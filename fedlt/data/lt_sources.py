@@ -2,7 +2,7 @@
 
 The split files (``ImageNet_LT_{train,val,test}.txt``, ``Places_LT_{train,val,test}.txt``; lines
 ``<relative image path> <label>``) are the long-tailed subsample: every listed image is used, nothing is
-subsampled further (methods.md 1.2). Decoded at 224 px these sets do not fit in RAM (ImageNet-LT train: 115,846
+subsampled further (docs/reference.md 1.2). Decoded at 224 px these sets do not fit in RAM (ImageNet-LT train: 115,846
 images, 17 GB), so each split is decoded once (PIL, RGB, shorter side resized to ``image_size`` with bicubic
 filtering, centre crop: CLIP's test preprocessing) into a uint8 NCHW ``.npy`` file in the cache folder, written
 through ``numpy.lib.format.open_memmap`` and renamed into place when complete. Loads map that file

@@ -1,4 +1,4 @@
-"""Non-IID partitions of a labelled training set over clients (methods.md 1.3).
+"""Non-IID partitions of a labelled training set over clients (docs/reference.md 1.3).
 
 Every partitioner is a pure, seeded function ``(labels, num_clients, ..., seed) -> list[np.ndarray]`` returning
 per-client sorted int64 index arrays that are pairwise disjoint and whose union is ``range(len(labels))``.
@@ -42,7 +42,8 @@ class PartitionError(ValueError):
 
 @dataclass
 class PartitionResult:
-    """A partition plus what its draw used, for local test protocols that follow the train split (methods.md 1.5).
+    """A partition plus what its draw used, for local test protocols that follow the train split (docs/reference.md
+    1.5).
 
     Attributes:
         indices: per-client sorted int64 index arrays into the training labels.
@@ -82,7 +83,7 @@ def _finish(parts: list[np.ndarray] | list[list[int]]) -> list[np.ndarray]:
 def _dirichlet_try(
     labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, cap: bool = True
 ) -> tuple[list[list[int]], np.ndarray]:
-    # One NIID-Bench P-B draw (methods.md 1.3): per class p ~ Dir(alpha 1_K), clients already holding >= N/K get
+    # One NIID-Bench P-B draw (docs/reference.md 1.3): per class p ~ Dir(alpha 1_K), clients already holding >= N/K get
     # no more (capacity rule; P-F skips it), renormalise, cut the shuffled class indices at the cumulative
     # proportions. Also returns the proportions actually used, (C, K) with C = max label + 1 (NaN rows for absent
     # classes), so a local test protocol can cut the test set the same way (T-B).
@@ -113,7 +114,7 @@ def dirichlet_partition(
     min_size: int = 10,
     max_tries: int = 100,
 ) -> list[np.ndarray]:
-    """P-B NIID-Bench Dirichlet split with capacity cap and min-size retry (methods.md 1.3).
+    """P-B NIID-Bench Dirichlet split with capacity cap and min-size retry (docs/reference.md 1.3).
 
     Args:
         labels: training labels, shape (N,).
@@ -167,7 +168,7 @@ def dirichlet_split(
 
 
 def dirichlet_per_sample_partition(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
-    """P-A per-sample categorical split (FedLoGe [code], methods.md 1.3).
+    """P-A per-sample categorical split (FedLoGe [code], docs/reference.md 1.3).
 
     For each class c, p_c ~ Dir(alpha 1_K) and every class-c sample goes to client k with probability p_{c,k}.
     No min-size rule and no capacity cap, so a client can be empty in pathological draws.

@@ -1,4 +1,4 @@
-"""Drawing of a partition summary (``FederatedDataset.summary()``) as a PNG (DESIGN.md 5)."""
+"""Drawing of a partition summary (``FederatedDataset.summary()``) as a PNG (docs/architecture.md 5)."""
 
 from __future__ import annotations
 

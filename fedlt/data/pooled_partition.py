@@ -1,4 +1,4 @@
-"""FedPuReL's partitions (methods.md 1.3 P-E / P-F): the hierarchical split of the pooled train + test set
+"""FedPuReL's partitions (docs/reference.md 1.3 P-E / P-F): the hierarchical split of the pooled train + test set
 (``HierarchicalPooled``) and the per-class Dirichlet split without capacity cap (``DirichletNoCap``).
 
 The base pieces (``Partitioner``, ``PartitionResult``, ``PartitionError``, the registry and the shared Dirichlet
@@ -124,7 +124,7 @@ def hierarchical_pooled_partition(
     fine class ~ fine weights, then a uniformly random remaining item of that class. Classes with no item left
     (and superclasses with no class left) drop out and the weights are renormalised. The |pool| mod K items left
     at the end belong to no client. Items from the train part form a client's train set, the rest its local test
-    set (methods.md 1.5 T-C).
+    set (docs/reference.md 1.5 T-C).
 
     Args:
         train_labels: labels of the (long-tailed) training set, shape (N_train,).

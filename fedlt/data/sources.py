@@ -1,4 +1,4 @@
-"""Data sources: each loads a labelled train/test pair as uint8 NCHW tensors (DESIGN.md 2 and 5).
+"""Data sources: each loads a labelled train/test pair as uint8 NCHW tensors (docs/architecture.md 2 and 5).
 
 ``EmbeddedDigits`` needs no download (it is synthesised from scikit-learn's bundled digits and cached); the
 torchvision sources read the usual torchvision folders and explain how to get the data when it is missing.
@@ -45,7 +45,7 @@ class SourceData:
 
     Attributes:
         superclasses: (C,) int64 coarse class id of every fine class (CIFAR-100's 20 superclasses, for the
-            hierarchical partition of methods.md 1.3 P-E), or None when the dataset has no class hierarchy.
+            hierarchical partition of docs/reference.md 1.3 P-E), or None when the dataset has no class hierarchy.
         superclass_names: names of the coarse classes, indexed by the ids in ``superclasses``, or None.
         file_backed: ``train_x`` / ``test_x`` are memory-mapped from a cache file (paged in by the OS) rather than
             held in RAM: index them in batches and do not copy or move the whole tensor.

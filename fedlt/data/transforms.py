@@ -1,4 +1,4 @@
-"""Batched tensor augmentation for on-device datasets (DESIGN.md 3: no DataLoader, no PIL for small data)."""
+"""Batched tensor augmentation for on-device datasets (docs/architecture.md 3: no DataLoader, no PIL for small data)."""
 
 from __future__ import annotations
 
@@ -215,7 +215,7 @@ class ImageAugment:
 
 
 def clip_augment(size: int | None = None) -> ImageAugment:
-    """CoOp/Dassl training augmentation of CLIP fine-tuning (FedPuReL, methods.md 1.9).
+    """CoOp/Dassl training augmentation of CLIP fine-tuning (FedPuReL, docs/reference.md 1.9).
 
     ``RandomResizedCrop(size, scale=(0.08, 1), interpolation=BICUBIC)`` + ``RandomHorizontalFlip()``.
 

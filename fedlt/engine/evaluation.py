@@ -3,17 +3,17 @@
 * GM: the global model on the balanced global test set (``test/global/*``).
 * PM: every client's personalized model on its own local test set (``test/personal/*``), over all K clients.
   For a method without personal state the PM of every client is the global model, so the global test set is
-  predicted once and each client's local test set (a subset of it, methods.md 1.5) is read off by index.
-* With ``data.mask_absent_classes`` (FedLoGe's evaluation, methods.md 1.5), a client's PM can only predict the
+  predicted once and each client's local test set (a subset of it, docs/reference.md 1.5) is read off by index.
+* With ``data.mask_absent_classes`` (FedLoGe's evaluation, docs/reference.md 1.5), a client's PM can only predict the
   classes present in its local test set; every client is then predicted with its own mask.
 * Both metrics are fed predicted *labels* (argmax), which also fill the predicted-class count states behind the
-  FedPuReL balancedness candidates (definition pending, methods.md 1.7): ``test/global/{balancedness,
+  FedPuReL balancedness candidates (definition pending, docs/reference.md 1.7): ``test/global/{balancedness,
   acc_worst_class, acc_minmax_ratio, acc_worst10_classes, acc_class_std, pred_minmax_ratio}`` and, per client then
   averaged, ``test/personal/{balancedness, acc_worst_class_mean, acc_minmax_ratio_mean, acc_worst10_classes_mean,
   acc_class_std_mean, pred_minmax_ratio_mean}`` (``balancedness`` = the worst-class candidate (a)). On the fast
   path the PM predictions are the global predictions read off by index, on the per-client path (and with masking)
   each client's own masked argmax.
-* Multi-domain data (methods.md 1.8): GM accuracy per domain of the test set (the held-out target domain,
+* Multi-domain data (docs/reference.md 1.8): GM accuracy per domain of the test set (the held-out target domain,
   ``test/domain/<name>/acc``) and on the source domains' held-out validation images (``val/domain/<name>/acc``
   and ``val/acc``, for model selection by training-domain validation). Without local test sets (the default for
   domain data) no PM is evaluated.

@@ -4,7 +4,8 @@
 * the DANN coefficient schedule kappa_p = 2 / (1 + exp(-10 p)) - 1;
 * the domain discriminator D_psi and DGviaER's per-domain auxiliary classifiers (Zhao et al., NeurIPS 2020,
   "Domain Generalization via Entropy Regularization"), added to the model as ``dg_disc``, ``dg_aux`` and ``dg_adv``;
-* DGviaER's entropy-regularisation term as implemented in its code (methods.md Appendix R 2.1): auxiliary heads T_i
+* DGviaER's entropy-regularisation term as implemented in its code (docs/reference.md Appendix R 2.1): auxiliary
+  heads T_i
   trained on detached features of domain i; features of domains j != i classified by the *frozen* T_i with the
   cross-entropy gradient into the extractor scaled by 0.05; heads T'_i trained on domain i through a reversal of
   0.001; every auxiliary cross-entropy weighted by per-batch inverse class frequencies;

@@ -1,4 +1,4 @@
-"""Pluggable semantic-relevance encoders for FedSM (methods.md section 5 and Appendix R section 1, item S3).
+"""Pluggable semantic-relevance encoders for FedSM (docs/reference.md section 5 and Appendix R section 1, item S3).
 
 FedSM guides its feature mixup by a class-by-class *semantic relevance* matrix built from text embeddings of the
 class names: ``R_cj = <t_c, t_j>`` with L2-normalised embeddings t, then (public prototype code, "[code*]") the

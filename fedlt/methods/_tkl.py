@@ -1,4 +1,4 @@
-"""Temperature-aligned KL divergence (TKL) of FedPuReL (methods.md 4.2).
+"""Temperature-aligned KL divergence (TKL) of FedPuReL (docs/reference.md 4.2).
 
 For one sample with fine-tuned logits f and zero-shot logits z, with ``H(p) = -sum_c p_c log p_c`` and
 ``sigma_tau(a) = softmax(a / tau)``:

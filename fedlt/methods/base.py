@@ -1,4 +1,4 @@
-"""The method contract (DESIGN.md section 4): a client half (LightningModule-style hooks) and a server half
+"""The method contract (docs/architecture.md section 4): a client half (LightningModule-style hooks) and a server half
 (a :class:`Reducer`). Concrete methods subclass :class:`FedMethod` (usually through ``FedAvg``) and override only
 what differs.
 """

@@ -31,7 +31,7 @@ without a positive, i.e. one feature per class, are skipped as in the code). The
 epochs (CReFF) and becomes the GM classifier. GM = FedAvg feature extractor + re-trained classifier; the FedAvg model
 (uploaded and trained by the clients) never receives the re-trained classifier.
 
-Hyperparameters (paper symbol, default): ``kd_weight`` (mu / ``--alpha``; 1.0 as in methods.md's CLIP2FL
+Hyperparameters (paper symbol, default): ``kd_weight`` (mu / ``--alpha``; 1.0 as in docs/reference.md's CLIP2FL
 protocol -- the code's argparse default is 2), ``kd_temperature`` (T, 3), ``contrast_weight`` (lambda /
 ``--contrast_alpha``; 0.1 as in the README's example run -- the argparse default is 0.001),
 ``contrast_temperature`` (tau / ``--ins_temp``, 0.1), ``teacher_scale`` (100, the code's fixed logit scale),

@@ -1,7 +1,7 @@
 """DGviaER: domain generalization via entropy regularization, the centralised baseline of FedTAIL.
 
 Paper: S. Zhao, M. Gong, T. Liu, H. Fu, D. Tao, "Domain Generalization via Entropy Regularization", NeurIPS 2020.
-FedTAIL (methods.md 6.1, Appendix R 2.1) extends it and compares with it on PACS; run it with
+FedTAIL (docs/reference.md 6.1, Appendix R 2.1) extends it and compares with it on PACS; run it with
 ``data.domain_layout: centralized`` (one client holding every source domain) for that comparison, or federated.
 
 Client: L_cls + adv_weight * L_D (domain discriminator behind a gradient reversal of 0.1, DANN-style marginal

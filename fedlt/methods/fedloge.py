@@ -2,7 +2,7 @@
 
 Paper: Z. Xiao, Z. Chen, L. Liu, Y. Feng, J. Wu, W. Liu, J. T. Zhou, H. H. Yang, Z. Liu, "FedLoGe: Joint Local and
 Generic Federated Learning under Long-tailed Data", ICLR 2024, arXiv:2401.08977 (official code:
-ZackZikaiXiao/FedLoGe). Implemented from ../shared/methods.md section 2; every paper-vs-code choice of section 2.6
+ZackZikaiXiao/FedLoGe). Implemented from docs/reference.md section 2; every paper-vs-code choice of section 2.6
 and section 8 rows 1-6 is a constructor argument.
 
 Model: backbone f_theta (features h in R^d) and three linear classifiers on h:
@@ -30,7 +30,7 @@ Realignment (pure functions of the current heads):
   (``"ga_fr_psi"``), bias b_psi; PM logits phi_k(h) + phi'_k(h) (``pm_logits="local_plus_realigned"``, code and
   README) or phi'_k(h) (``"realigned_only"``, the paper's Algorithm 1). Optional fine-tuning of phi'_k with theta
   frozen (``la_fr_finetune_epochs``, Algorithm 1 line 12; 0 in the code and by default).
-- Absent-class masking of PM (code trick, methods.md 1.5) is the data protocol flag
+- Absent-class masking of PM (code trick, docs/reference.md 1.5) is the data protocol flag
   ``data.mask_absent_classes`` (set in the paper-table configs), applied by the evaluator to any method.
 
 Hyperparameters (paper symbol, default): ``beta`` (beta, sparsity ratio, 0.6), ``gamma`` (gamma, target column norm,
@@ -103,7 +103,7 @@ def sse_loss(w: Tensor, gamma: float) -> Tensor:
 def build_sse_c(dim: int, num_classes: int, beta: float = 0.6, gamma: float = 1.0, steps: int = 10_000,
                 lr: float = 1e-4, generator: torch.Generator | None = None,
                 device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """The sparse simplex-ETF classifier (methods.md 2.2).
+    """The sparse simplex-ETF classifier (docs/reference.md 2.2).
 
     Args:
         dim: feature dimension d (>= C).

@@ -2,7 +2,7 @@
 
 Paper: "Fine-tuning Impairs the Balancedness of Foundation Models in Long-tailed Personalized Federated Learning",
 CVPR 2026, arXiv:2605.02247 (the id given by pith.science/paper/2605.02247). Official code: github
-shihaohou/FedPuReL. Spec: methods.md section 4 (paper [paper] vs official code [code]).
+shihaohou/FedPuReL. Spec: docs/reference.md section 4 (paper [paper] vs official code [code]).
 
 Model: a frozen CLIP (``model.name: clip:<open_clip model>``, text head) with two PEFT branches of the model's kind
 (``model.kwargs.peft``: ``prompt`` = CoOp context, ``lora`` = image-tower q/k/v LoRA, ``adapter`` = CLIP-Adapter):
@@ -11,7 +11,7 @@ the global branch phi_g (``peft.global.*``, aggregated) and the personal residua
 the same seeded initialisation). Logits: l_G(x) = CLIP(x; phi_g), l_P^k(x) = CLIP(x; phi_k), and the zero-shot
 teacher z(x) (no PEFT, hand-crafted template text features).
 
-Client, Stage 1 (every local step, methods.md 4.3): student f = l_G(x), teacher z = z(x) (no grad);
+Client, Stage 1 (every local step, docs/reference.md 4.3): student f = l_G(x), teacher z = z(x) (no grad);
 L_task = CE(f, y) (the configured ``loss``), L_align = TKL(f, z) (``fedlt.methods._tkl``: per-sample bisection of
 the temperatures that give both tempered softmaxes the mean entropy H*; teacher-first KL, tau_f constant, gradient
 through f only). g_align = grad_{phi_g} L_align and g_task = grad_{phi_g} L_task (two ``torch.autograd.grad`` calls
@@ -31,7 +31,7 @@ phi_g frozen (no grad, eval mode); plain SGD lr 1e-3 without momentum or weight 
 always uses plain cross-entropy (the ``loss`` argument only replaces L_task).
 Inference (4.6): GM = l_G; PM (client k) = l_G + l_P^k (image features computed once for prompt PEFT, per branch for
 LoRA / adapter). The zero-shot model is not used at inference.
-Balancedness (methods.md 1.7, definition pending): logged for every method by the evaluator; the default key is
+Balancedness (docs/reference.md 1.7, definition pending): logged for every method by the evaluator; the default key is
 ``test/global/balancedness`` / ``test/personal/balancedness`` = worst-class accuracy, candidate (a); the other
 candidates are logged beside it.
 Logged losses: ``train/loss`` = L_task, ``train/loss_tkl_teacher_first`` and ``train/loss_tkl_reverse`` (the
@@ -47,7 +47,7 @@ Hyperparameters (paper symbol): ``lam`` (lambda, 0.9 [paper, ablated best]; 0.99
 ``local_epochs`` (E, 1). Model arguments (prompt length n_ctx 4, LoRA rank 8 / alpha 16 / dropout 0.25) belong to
 the experiment config's ``model.kwargs``.
 
-Deviations / choices (methods.md 4.8 and section 8 rows 10-16):
+Deviations / choices (docs/reference.md 4.8 and section 8 rows 10-16):
 - lambda defaults to the paper's 0.9 (the code's 0.99 via ``lam``).
 - Noise floor (``align_noise_floor``, default 0 = the paper and the code): the sign test projects whenever
   <g_task, g_align> < 0, however small g_align is. At a fresh LoRA branch (B = 0, round 1, first local step) the

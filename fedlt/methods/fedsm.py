@@ -3,8 +3,9 @@
 Paper: FedSM: Robust Semantics-Guided Feature Mixup for Bias Reduction in Federated Learning with Long-Tail Data,
 Zhang, Xu, Li, Liang, Duan, Dong, Leung, Hu, arXiv:2510.27240 (2025; a journal version is in IEEE Internet of
 Things Journal). The official code (DistriAI/FedSM) is not available; the defaults come from the public prototype
-repository Twi-etn/FedSM ("CLIP2MIX", methods.md Appendix R section 1, tagged [code*]); the earlier reconstruction
-(methods.md 5.2) stays available through the arguments.
+repository Twi-etn/FedSM ("CLIP2MIX", docs/reference.md Appendix R section 1, tagged [code*]); the earlier
+reconstruction
+(docs/reference.md 5.2) stays available through the arguments.
 
 Model: any fedlt backbone (ResNet-8 for CIFAR in the paper) -- not CLIP. CLIP only serves as (i) the frozen
 knowledge-distillation teacher and (ii) the text encoder of the relevance matrix; it is built in ``setup`` and held

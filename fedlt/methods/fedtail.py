@@ -1,7 +1,7 @@
 """FedTAIL: federated long-tailed domain generalization with sharpness-guided gradient matching.
 
 Paper: "FedTAIL: Federated Long-Tailed Domain Generalization with Sharpness-Guided Gradient Matching", ICML 2025
-Workshop on Collaborative and Federated Agentic Workflows (CFAgentic), arXiv:2506.08518. Spec: methods.md
+Workshop on Collaborative and Federated Agentic Workflows (CFAgentic), arXiv:2506.08518. Spec: docs/reference.md
 section 6 and Appendix R section 2. The official repository holds only a README, so everything below is a
 **reconstruction** [R] from the paper summary, third-party notes and the lineage FedTAIL builds on (DGviaER,
 SAMALTDG, SAGM); each open choice is a constructor argument.
@@ -10,7 +10,7 @@ Model: feature extractor F_theta (the backbone), label classifier T_phi (``head`
 discriminator D_psi (``dg_disc``) behind a gradient-reversal layer, plus DGviaER's per-domain auxiliary heads
 (``dg_aux`` T_i and ``dg_adv`` T'_i) for the entropy term.
 
-Client (one local step on a batch (x, y, d), methods.md 6.2), total gradient on w = (theta, phi):
+Client (one local step on a batch (x, y, d), docs/reference.md 6.2), total gradient on w = (theta, phi):
   1. clean pass: L_cls = CE(T(F(x)), y) at w; adversarial term L_D = CE(D(GRL_kappa(F(x))), d) with the DANN
      schedule kappa_p = 2/(1+exp(-10p)) - 1 (psi descends L_D, theta receives -kappa grad L_D);
   2. coherence L_coh = -alpha <g_cls, g_adv> on theta (double backward), g_adv = grad_theta of the reversed
@@ -43,7 +43,7 @@ Deliberate choices and deviations (all arguments):
 * ``adversarial="auto"`` (ambiguity A-T3, Appendix R T4): with one domain per client (layout (i)) a local
   discriminator sees a single label, so the adversarial and coherence terms are switched off with a warning;
   they are on when some client holds two or more domains (layout (ii), centralised mode). ``on`` forces them.
-* ``qt`` default ``domain_heads`` per Appendix R section 5; the teacher variant of methods.md 6.2 is an option.
+* ``qt`` default ``domain_heads`` per Appendix R section 5; the teacher variant of docs/reference.md 6.2 is an option.
 * In federated layout (i) the cross-domain term works through federation: client d trains T_d on its own
   domain; the other clients receive it with the global model and use it frozen.
 * The Hessian is taken w.r.t. the classifier head by default (``hessian_params="all"`` uses every trainable
@@ -89,7 +89,7 @@ _COHERENCE = ("linear", "hinge", "cos")
 
 
 def coherence_loss(g_cls: list[Tensor], g_adv: list[Tensor], alpha: float, mode: str = "linear") -> Tensor:
-    """Gradient-coherence penalty on the shared extractor (methods.md 6.2 step 2).
+    """Gradient-coherence penalty on the shared extractor (docs/reference.md 6.2 step 2).
 
     ``linear``: -alpha <g_cls, g_adv>; ``hinge``: alpha max(0, -<g_cls, g_adv>); ``cos``: -alpha cos(g_cls, g_adv).
     The gradients must carry their graphs (``create_graph=True``) for the penalty to be differentiable.
@@ -166,7 +166,7 @@ class FedTAIL(FedAvg):
     adversarial alignment with gradient coherence.
 
     Args:
-        rho: class-wise SAM radius rho (methods.md 6.2 step 3).
+        rho: class-wise SAM radius rho (docs/reference.md 6.2 step 3).
         class_sam: use the class-wise SAM term sum_c gamma_c L_c(w + eps_c).
         class_sam_weight: weight of the class-wise term (A-T4).
         class_sam_max_classes: at most this many class groups (SAM closures) per batch; ``None``: one per class.
@@ -318,7 +318,7 @@ class FedTAIL(FedAvg):
         if self.adversarial == "auto" and not multi and (self.adv_weight > 0 or self.coherence_alpha > 0):
             warnings.warn("FedTAIL: every client holds a single domain, so a local domain discriminator would see "
                           "one label; the adversarial and coherence terms are off (adversarial='on' forces them; "
-                          "methods.md 6.3 A-T3)", RuntimeWarning, stacklevel=2)
+                          "docs/reference.md 6.3 A-T3)", RuntimeWarning, stacklevel=2)
         d = model.num_features
         if self.adversarial_active:
             model.dg_disc = make_discriminator(d, self.num_domains, self.aux_hidden, self.aux_dropout)
@@ -399,7 +399,7 @@ class FedTAIL(FedAvg):
         return out
 
     def _estimate_lambdas(self, ctx: ClientContext) -> None:
-        """lambda_c for every local class (methods.md 6.2 step 3), smoothed with the client's previous values."""
+        """lambda_c for every local class (docs/reference.md 6.2 step 3), smoothed with the client's previous values."""
         was_training = self.model.training
         self.model.eval()
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
@@ -505,7 +505,7 @@ class FedTAIL(FedAvg):
         return parts
 
     def _class_sam(self, x: Tensor, y: Tensor, masks: list[Tensor], gammas: Tensor, g_classes: list, add) -> Tensor:
-        """sum_c gamma_c grad L_c(w + eps_c), eps_c = rho g_c / ||g_c|| (methods.md 6.2 step 3).
+        """sum_c gamma_c grad L_c(w + eps_c), eps_c = rho g_c / ||g_c|| (docs/reference.md 6.2 step 3).
 
         ``g_classes`` are the class gradients g_c at w, one per group mask."""
         w = self._w
@@ -529,7 +529,7 @@ class FedTAIL(FedAvg):
 
     def _sharp_er(self, x: Tensor, y: Tensor, dom: Tensor, h: Tensor | None, g_cls, ctx: ClientContext,
                   add) -> Tensor:
-        """lambda_er L_sharp-er evaluated at the global SAM point w + eps (methods.md 6.2 step 4); with
+        """lambda_er L_sharp-er evaluated at the global SAM point w + eps (docs/reference.md 6.2 step 4); with
         ``er_rho = 0`` at w itself, on the clean features ``h``."""
         w = self._w
         eps = perturbation(w, g_cls, self.er_rho) if self.er_rho > 0 else None

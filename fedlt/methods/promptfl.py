@@ -14,7 +14,8 @@ local sample count n_k -- nothing else leaves the client.
 Server: sample-weighted FedAvg of the context, ``ctx = sum_k n_k ctx_k / sum_k n_k``.
 Inference: GM = PM = the aggregated prompt (no personal state).
 Hyperparameters (paper symbol): ``lr`` (eta, 1e-3), ``momentum`` 0.9 and ``weight_decay`` 5e-4 (the Dassl SGD
-defaults), ``batch_size`` (B, 32), ``local_epochs`` (E, 1) -- the settings of FedPuReL's baselines (methods.md 1.9),
+defaults), ``batch_size`` (B, 32), ``local_epochs`` (E, 1) -- the settings of FedPuReL's baselines (docs/reference.md
+1.9),
 which are what the reproduced tables compare against; PromptFL's own experiments may use other values.
 Deviations / choices:
 - Other PEFT kinds are accepted and give "federated PEFT" under the same protocol: with ``peft: lora`` this is
@@ -23,7 +24,7 @@ Deviations / choices:
   probing on CLIP features) is rejected.
 - The official code runs CLIP in fp16; fedlt keeps fp32 weights (use ``trainer.precision: 16-mixed`` for speed).
 - A fresh optimizer per client and round (the Dassl trainer of the official code reuses one optimizer object, so
-  momentum leaks between clients; methods.md 4.3 treats this as an artefact).
+  momentum leaks between clients; docs/reference.md 4.3 treats this as an artefact).
 - No FedCoOp alias: the registry key is the module name, so ``promptfl`` is the only name.
 """
 

@@ -1,7 +1,7 @@
 """RedGrape (Decentralized Decoupled Training via Re-balanced Gradient Prototypes).
 
 Paper: W. Yang, D. Chen, H. Zhou, F. Meng, J. Zhou, X. Sun, "Decentralized Decoupled Training for Federated
-Long-Tailed Learning", TMLR 2024, arXiv:2302.06058. Spec: methods.md section 3 (and section 8 rows 7-9).
+Long-Tailed Learning", TMLR 2024, arXiv:2302.06058. Spec: docs/reference.md section 3 (and section 8 rows 7-9).
 
 Model: encoder P (``forward_features``, h in R^d), the re-balanced classifier W (``model.head``, with bias; the
 only head used at inference) and a supplementary classifier W^ (``model.sup_head``, a ``nn.Linear(d, C)`` with bias
@@ -44,7 +44,7 @@ config's ``DirichletPrior(alpha=1.0)``.
 Paper vs code (defaults follow the official code, which produced the paper's tables):
 - ``update="code"``: gradient-norm clipping (1.0) over P, W, W^ and a separate momentum-free, unclipped
   re-balancing step of W; ``update="paper"``: a single combined gradient g_W^loc + lam g^ through the momentum
-  optimizer, no clipping (methods.md section 8 row 7).
+  optimizer, no clipping (docs/reference.md section 8 row 7).
 - ``rebalance_first_round=False``: no re-balancing in round 1 (the code needs the prototype dictionary to exist);
   ``True`` re-balances from round 1 with the local balanced set alone (row 8).
 - ``norm_match="per_tensor"``: weight and bias of g^ are matched to the local weight / bias gradient separately

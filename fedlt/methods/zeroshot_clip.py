@@ -1,4 +1,4 @@
-"""Zero-shot CLIP (the no-training reference row of FedPuReL's tables, methods.md 7.3).
+"""Zero-shot CLIP (the no-training reference row of FedPuReL's tables, docs/reference.md 7.3).
 
 Paper: A. Radford, J. W. Kim, C. Hallacy, A. Ramesh, G. Goh, S. Agarwal, G. Sastry, A. Askell, P. Mishkin, J. Clark,
 G. Krueger, I. Sutskever, "Learning Transferable Visual Models From Natural Language Supervision", ICML 2021,

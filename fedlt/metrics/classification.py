@@ -1,8 +1,8 @@
-"""torchmetrics classes keeping per-class correct/total/predicted counts (DESIGN.md section 6).
+"""torchmetrics classes keeping per-class correct/total/predicted counts (docs/architecture.md section 6).
 
 The states are integer counts with ``dist_reduce_fx="sum"``, so synchronising over ranks is exact and every
 reported number (overall, many / medium / few, and the FedPuReL balancedness candidates -- worst class, min/max
-ratio, worst 10 %, std, predicted-class min/max ratio; definition pending, methods.md 1.7) is computed from the
+ratio, worst 10 %, std, predicted-class min/max ratio; definition pending, docs/reference.md 1.7) is computed from the
 same state by the pure functions of :mod:`fedlt.metrics.functional`.
 """
 
@@ -19,7 +19,7 @@ from fedlt.metrics.functional import GROUP_NAMES, classification_summary, person
 
 
 class GroupedAccuracy(torchmetrics.Metric):
-    """Global-model accuracy with many / medium / few and per-class spread (methods.md 1.4, 1.6, 1.7).
+    """Global-model accuracy with many / medium / few and per-class spread (docs/reference.md 1.4, 1.6, 1.7).
 
     Args:
         num_classes: C.
@@ -27,7 +27,8 @@ class GroupedAccuracy(torchmetrics.Metric):
         **kwargs: forwarded to :class:`torchmetrics.Metric` (e.g. ``sync_on_compute``).
 
     ``compute()`` returns the keys of :func:`~fedlt.metrics.functional.classification_summary` as 0-dim float
-    tensors, including every balancedness candidate (the definition is unresolved, methods.md 1.7; ``balancedness``
+    tensors, including every balancedness candidate (the definition is unresolved, docs/reference.md 1.7;
+    ``balancedness``
     is an alias of the default candidate (a), ``acc_worst_class``). States: ``correct`` / ``total`` per true class
     and ``predicted`` (how many samples were predicted as each class, for candidate (d)), all (C,) long.
     """
@@ -70,7 +71,7 @@ class GroupedAccuracy(torchmetrics.Metric):
 
 
 class PersonalizedAccuracy(torchmetrics.Metric):
-    """Personalized-model accuracy: each client's model on its own local test set (methods.md 1.5).
+    """Personalized-model accuracy: each client's model on its own local test set (docs/reference.md 1.5).
 
     Args:
         num_clients: K.
@@ -79,7 +80,7 @@ class PersonalizedAccuracy(torchmetrics.Metric):
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
 
     ``compute()`` returns the keys of :func:`~fedlt.metrics.functional.personal_summary` as 0-dim float tensors,
-    including the per-client balancedness candidates averaged over clients (definition pending, methods.md 1.7;
+    including the per-client balancedness candidates averaged over clients (definition pending, docs/reference.md 1.7;
     ``balancedness`` is an alias of ``acc_worst_class_mean``). States: ``correct`` / ``total`` per (client, true
     class) and ``predicted`` per (client, predicted class), all (K, C) long.
     """

@@ -1,13 +1,14 @@
-"""Pure accuracy math on per-class count tensors (DESIGN.md section 6, methods.md 1.4-1.7).
+"""Pure accuracy math on per-class count tensors (docs/architecture.md section 6, docs/reference.md 1.4-1.7).
 
 Every function here works on *counts* (correct / total per class, or per client and class) rather than on
 predictions, so that the same numbers come out whether the counts were accumulated in one process or summed
 over ranks (``dist_reduce_fx="sum"`` in :mod:`fedlt.metrics.classification`).
 
 Class groups are an int64 tensor ``groups`` of shape (C,) with 0 = many, 1 = medium, 2 = few
-(methods.md 1.6; the convention that produced them is the data package's business).
+(docs/reference.md 1.6; the convention that produced them is the data package's business).
 
-Balancedness (FedPuReL, methods.md 1.7 and Appendix R section 3): the definition is **unresolved** (the paper gives
+Balancedness (FedPuReL, docs/reference.md 1.7 and Appendix R section 3): the definition is **unresolved** (the paper
+gives
 numbers but no formula, the official code computes none). Every candidate is therefore logged, all as fractions in
 [0, 1] like the accuracies (the report prints them x 100, the scale of the paper's numbers), over the classes with
 at least one test sample:
@@ -21,7 +22,7 @@ at least one test sample:
   unknown.
 
 :func:`balancedness` selects one candidate by ``kind``; the summaries log them all (PM: per client on its local
-test set, then the mean over clients, methods.md 1.7).
+test set, then the mean over clients, docs/reference.md 1.7).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from torch import Tensor
 
 GROUP_NAMES: tuple[str, str, str] = ("many", "medium", "few")
 
-# methods.md 1.7 option (c): "mean accuracy of the worst 10 % of classes"; the same fraction is used for clients.
+# docs/reference.md 1.7 option (c): "mean accuracy of the worst 10 % of classes"; the same fraction is used for clients.
 WORST_FRACTION: float = 0.1
 
-# Balancedness candidates of methods.md 1.7 / Appendix R section 3 -> summary key (definition pending).
+# Balancedness candidates of docs/reference.md 1.7 / Appendix R section 3 -> summary key (definition pending).
 BALANCEDNESS_KINDS: dict[str, str] = {
     "worst_class": "acc_worst_class",  # (a), the default
     "minmax_ratio": "acc_minmax_ratio",  # (b)
@@ -71,7 +72,7 @@ def per_class_accuracy(correct: Tensor, total: Tensor) -> Tensor:
 def classification_summary(
     correct: Tensor, total: Tensor, groups: Tensor, predicted: Tensor | None = None
 ) -> dict[str, float]:
-    """Global-model (GM) accuracy summary from per-class counts (methods.md 1.4, 1.6, 1.7).
+    """Global-model (GM) accuracy summary from per-class counts (docs/reference.md 1.4, 1.6, 1.7).
 
     Args:
         correct: (C,) correct counts per class.
@@ -82,7 +83,7 @@ def classification_summary(
     Returns:
         ``acc`` (micro: sum correct / sum total), ``acc_many`` / ``acc_medium`` / ``acc_few`` (micro inside the
         group, ``nan`` when the group has no test sample) and the balancedness candidates of the module docstring
-        over classes with samples (definition pending, methods.md 1.7): ``acc_worst_class`` (a),
+        over classes with samples (definition pending, docs/reference.md 1.7): ``acc_worst_class`` (a),
         ``acc_minmax_ratio`` (b), ``acc_worst10_classes`` (c), ``acc_class_std`` (population std of acc_c),
         ``pred_minmax_ratio`` (d; ``nan`` without ``predicted``) and ``balancedness`` (alias of (a), the default).
         All ``nan`` when there is no test sample at all.
@@ -107,7 +108,7 @@ def classification_summary(
 def balancedness(
     correct: Tensor, total: Tensor, predicted: Tensor | None = None, kind: str = DEFAULT_BALANCEDNESS
 ) -> float:
-    """One FedPuReL balancedness candidate (definition pending, methods.md 1.7) from one row of counts.
+    """One FedPuReL balancedness candidate (definition pending, docs/reference.md 1.7) from one row of counts.
 
     Args:
         correct: (C,) correct counts per class.
@@ -135,12 +136,12 @@ def balancedness(
 def personal_summary(
     correct: Tensor, total: Tensor, groups: Tensor, predicted: Tensor | None = None
 ) -> dict[str, float]:
-    """Personalized-model (PM) summary from per-client, per-class counts (methods.md 1.5, 1.7).
+    """Personalized-model (PM) summary from per-client, per-class counts (docs/reference.md 1.5, 1.7).
 
     A client's accuracy is the micro accuracy of its row; clients with no test sample are excluded from every
     statistic (they have no accuracy to report).
 
-    Balancedness (definition pending, methods.md 1.7): each candidate of the module docstring is computed per
+    Balancedness (definition pending, docs/reference.md 1.7): each candidate of the module docstring is computed per
     client on its own local test set (over the classes with >= 1 local test sample; for (d) only the predictions
     of those classes count, predictions of classes absent from the client's test set are ignored), then averaged
     over the evaluated clients for which it is defined (a client's (b) is undefined when all its classes are at
@@ -198,7 +199,7 @@ def _micro(correct: Tensor, total: Tensor) -> float:
 
 
 def _group_micro(correct: Tensor, total: Tensor, groups: Tensor) -> dict[str, float]:
-    """Micro accuracy restricted to the test samples of each group (FedLoGe's definition, methods.md 1.4)."""
+    """Micro accuracy restricted to the test samples of each group (FedLoGe's definition, docs/reference.md 1.4)."""
     return {f"acc_{name}": _micro(correct[groups == gid], total[groups == gid]) for gid, name in enumerate(GROUP_NAMES)}
 
 

@@ -1,4 +1,4 @@
-"""Backbones with a features/head split (DESIGN.md section 2) and the model registry.
+"""Backbones with a features/head split (docs/architecture.md section 2) and the model registry.
 
 Importing this package registers every built-in model in :data:`MODELS`.
 """

@@ -1,6 +1,6 @@
 """The backbone contract shared by every model: a feature extractor and a replaceable linear head.
 
-DESIGN.md section 2: methods work on the features/head split (FedLoGe's SSE-C and personal heads, RedGrape's
+docs/architecture.md section 2: methods work on the features/head split (FedLoGe's SSE-C and personal heads, RedGrape's
 decoupled classifier, FedPuReL's residual head, ...), so every backbone exposes it the same way.
 """
 

@@ -15,7 +15,8 @@ holding the only trainable tensors:
 Every trainable tensor lives under the ``peft.<branch>.`` state-dict prefix (and ``head.`` for a linear head);
 everything else -- the open_clip weights, the frozen text features -- is reported by :meth:`frozen_state_keys`.
 The engine loads those once per rank in the workspace model and never aggregates, stores per client or
-checkpoints them, so a client's state is only its PEFT tensors (DESIGN.md section 4, "frozen large backbones").
+checkpoints them, so a client's state is only its PEFT tensors (docs/architecture.md section 4, "frozen large
+backbones").
 
 Branches: a model starts with the ``global`` branch; methods add more with :meth:`ClipModel.add_branch` (FedPuReL's
 personal residual branch, PromptFolio's local prompt) and pick one with :meth:`ClipModel.use_branch`. A branch
@@ -55,8 +56,8 @@ _CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 # Zero-shot prompt templates per dataset (the source's ``name``). FedPuReL uses one hand-crafted template per
-# dataset (CoOp's table, methods.md 4.1); datasets without an entry use DEFAULT_TEMPLATE (FedPuReL's code has no
-# Places-LT entry, methods.md 4.8).
+# dataset (CoOp's table, docs/reference.md 4.1); datasets without an entry use DEFAULT_TEMPLATE (FedPuReL's code has no
+# Places-LT entry, docs/reference.md 4.8).
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "cifar10": (DEFAULT_TEMPLATE,),
     "cifar100": (DEFAULT_TEMPLATE,),

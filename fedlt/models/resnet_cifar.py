@@ -96,7 +96,7 @@ class CifarResNet(FedModel):
 class ProjectedCifarResNet(CifarResNet):
     """A :class:`CifarResNet` whose pooled features pass through a linear projection without activation.
 
-    FedSM's prototype code (methods.md Appendix R S17): "ResNet-8, scaling 4" (64-channel stem, stages 64/128/256
+    FedSM's prototype code (docs/reference.md Appendix R S17): "ResNet-8, scaling 4" (64-channel stem, stages 64/128/256
     with one BasicBlock each) pooled to 256-d, then a 256 -> 512 linear layer ("add_mlp") giving the 512-d
     feature that the classifier, the prototypes and the pseudo-features live in.
 

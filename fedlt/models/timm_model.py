@@ -15,7 +15,7 @@ from fedlt.registry import UnknownNameError
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
-    """Pretrained weights of a timm model could not be downloaded or loaded (DESIGN.md section 8)."""
+    """Pretrained weights of a timm model could not be downloaded or loaded (docs/architecture.md section 8)."""
 
     def __init__(self, model_name: str, cause: BaseException, checkpoint_path: str | Path | None = None) -> None:
         if checkpoint_path is not None:

@@ -8,24 +8,17 @@ Each row is ``(id, argv builder, needle)``. A builder gets the case's temporary 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_run_guards import tree_hash  # tests/cli is on sys.path, as for every test module
 
 from fedlt.cli import main
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 QUIET = ["--logging.wandb", "false", "--logging.progress_bar", "false"]
-
-
-def tree_hash(root: Path) -> dict[str, str]:
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
