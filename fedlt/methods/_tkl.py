@@ -17,6 +17,9 @@ temperatures fall inside the bracket, whereas the plain KL of ``sigma(2 z)`` and
 logit vectors of a sample are constant every temperature works (H* = log C) and the divergence is 0.
 The clamp also stops the gradient of classes whose probability is below 1e-12 (as in the code), and float rounding
 can leave values of order -1e-8 for (nearly) identical distributions; nothing is clamped at 0.
+
+Also here: :func:`plain_kl` (the paper's plain-KL ablation) and :func:`soft_cross_entropy`, the alignment loss of the
+official code's adapter variant (``-sum_c softmax(z)_c log softmax(f)_c`` at T = 1, no temperature alignment).
 """
 
 from __future__ import annotations
@@ -134,3 +137,19 @@ def plain_kl(f: Tensor, z: Tensor, direction: str = "teacher_first") -> Tensor:
     """Batch-mean KL at temperature 1 (no alignment), with the same clamping: the ablation baseline of TKL."""
     p_f, p_z = F.softmax(f.float(), dim=-1), F.softmax(z.detach().float(), dim=-1)
     return (_kl_rows(p_z, p_f) if direction == "teacher_first" else _kl_rows(p_f, p_z)).mean()
+
+
+def soft_cross_entropy(f: Tensor, z: Tensor, temperature: float = 1.0) -> Tensor:
+    """Batch-mean soft cross-entropy ``-T^2 sum_c sigma_T(z)_c log sigma_T(f)_c`` of student logits ``f`` against
+    the teacher's softened distribution (no temperature alignment, no clamping: ``log_softmax``).
+
+    The alignment loss that FedPuReL's released code uses for its adapter variant (at T = 1). It exceeds the
+    teacher-first KL by the teacher's entropy, a constant: the gradient in ``f`` is the KL's,
+    ``(sigma_T(f) - sigma_T(z)) T / B`` per row. Gradients flow through ``f`` only.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = float(temperature)
+    f32 = f.float() if f.dtype in (torch.float16, torch.bfloat16) else f
+    p_z = F.softmax(z.detach().to(f32.dtype) / t, dim=-1)
+    return -(p_z * F.log_softmax(f32 / t, dim=-1)).sum(-1).mean() * (t * t)

@@ -198,6 +198,11 @@ class FedMethod:
     # The run this method is part of (seed, rounds, ranks), set by the Simulator before ``setup``: every
     # server-side random draw derives from ``run.seed`` through ``fedlt.engine.sharding.seeded_generator``.
     run: RunInfo = RunInfo()
+    # Where the authors' released code (the code behind the paper's tables) does something other than the paper
+    # describes: the constructor arguments that select the code's behaviour, with the code's values. The defaults
+    # follow the paper; ``configs/paper/`` files set these values. One named argument per difference; the table
+    # in docs/paper_vs_code.md lists them all (a test keeps the two in step).
+    released_code: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,

@@ -5,7 +5,8 @@ CVPR 2026, arXiv:2605.02247 (the id given by pith.science/paper/2605.02247). Off
 shihaohou/FedPuReL. Spec: docs/reference.md section 4 (paper [paper] vs official code [code]).
 
 Model: a frozen CLIP (``model.name: clip:<open_clip model>``, text head) with two PEFT branches of the model's kind
-(``model.kwargs.peft``: ``prompt`` = CoOp context, ``lora`` = image-tower q/k/v LoRA, ``adapter`` = CLIP-Adapter):
+(``model.kwargs.peft``: ``prompt`` = CoOp context, ``lora`` = image-tower q/k/v LoRA, ``adapter`` = CLIP-Adapter,
+``attention_adapter`` = FedCLIP's attention adapter, the adapter of the official code):
 the global branch phi_g (``peft.global.*``, aggregated) and the personal residual branch phi_k
 (``peft.personal.*``, added in :meth:`FedPuReL.setup`, kept per client and never uploaded; every client starts from
 the same seeded initialisation). Logits: l_G(x) = CLIP(x; phi_g), l_P^k(x) = CLIP(x; phi_k), and the zero-shot
@@ -14,7 +15,8 @@ teacher z(x) (no PEFT, hand-crafted template text features).
 Client, Stage 1 (every local step, docs/reference.md 4.3): student f = l_G(x), teacher z = z(x) (no grad);
 L_task = CE(f, y) (the configured ``loss``), L_align = TKL(f, z) (``fedlt.methods._tkl``: per-sample bisection of
 the temperatures that give both tempered softmaxes the mean entropy H*; teacher-first KL, tau_f constant, gradient
-through f only). g_align = grad_{phi_g} L_align and g_task = grad_{phi_g} L_task (two ``torch.autograd.grad`` calls
+through f only; the code's adapter variant uses the soft cross-entropy at T = 1 instead: ``adapter_alignment``).
+g_align = grad_{phi_g} L_align and g_task = grad_{phi_g} L_task (two ``torch.autograd.grad`` calls
 on one graph); purification g~ = g_task - lambda_proj <g_task, g_align> / ||g_align||^2 g_align where
 <g_task, g_align> < 0 (else g~ = g_task exactly), per parameter tensor [code] or over the concatenated vector
 [paper]; the code tests the cosine, whose sign is the inner product's. The step uses g~ only (g_align is a direction
@@ -41,11 +43,31 @@ tensors, or the whole vector -- that were projected).
 Hyperparameters (paper symbol): ``lam`` (lambda, 0.9 [paper, ablated best]; 0.99 [code, README]), ``lambda_proj``
 (projection strength, 1), ``purification`` (per_tensor [code] | global [paper]), ``tkl_iters`` / ``tau_min`` /
 ``tau_max`` (bisection: 20 iterations on [0.05, 20] [code]), ``align_direction`` (teacher_first [code] | reverse),
-``alignment`` (tkl | kl: the plain-KL ablation of the paper), ``share_optimizer_state``, ``full_first_round``,
-``stage2``, ``stage2_epochs``, ``stage2_lr`` / ``stage2_momentum`` / ``stage2_weight_decay``,
-``adapter_fusion_only``, plus ``lr`` (1e-3), ``momentum`` (0.9), ``weight_decay`` (5e-4), ``batch_size`` (B, 32),
-``local_epochs`` (E, 1). Model arguments (prompt length n_ctx 4, LoRA rank 8 / alpha 16 / dropout 0.25) belong to
-the experiment config's ``model.kwargs``.
+``alignment`` (tkl | kl: the plain-KL ablation of the paper | soft_ce), ``adapter_alignment``,
+``share_optimizer_state``, ``full_first_round``, ``stage2``, ``stage2_epochs``, ``stage2_lr`` /
+``stage2_momentum`` / ``stage2_weight_decay``, ``adapter_fusion_only``, plus ``lr`` (1e-3), ``momentum`` (0.9),
+``weight_decay`` (5e-4), ``batch_size`` (B, 32), ``local_epochs`` (E, 1). Model arguments (prompt length n_ctx 4,
+LoRA rank 8 / alpha 16 / dropout 0.25, ``lora_scaling``, ``template_set``) belong to the experiment config's
+``model.kwargs``.
+
+Paper vs released code (``FedPuReL.released_code`` holds the code's values of the method arguments; the
+``configs/paper/fedpurel_*.yaml`` files set them and the model options below; docs/paper_vs_code.md):
+- ``lam``: 0.9 (paper, ablated best) vs 0.99 (code and README, ``--fusion_loss_alpha``).
+- ``share_optimizer_state``: a fresh Stage-1 optimizer per client and round vs the code's one optimizer object
+  reused across clients and rounds (see below).
+- ``adapter_alignment``: with adapter PEFT the paper's alignment loss (TKL) vs the code's soft cross-entropy
+  ``-sum_c softmax(z)_c log softmax(f)_c`` at T = 1 (``soft_ce``; its gradient is the plain teacher-first KL's: no
+  temperature alignment).
+- ``adapter_fusion_only``: with adapter PEFT Stage 2 uses the paper's L_k with ``lam`` vs the code's fused CE
+  alone (lambda = 0).
+- Model options (``model.kwargs``, not method arguments): ``lora_scaling`` ``alpha_over_r`` (alpha / r, LoRA's
+  rule) vs ``alpha_over_sqrt_r`` (alpha / sqrt(r) = 16 / sqrt(8) in the code, CLIP-LoRA's loralib); ``peft``
+  ``adapter`` (CLIP-Adapter, 131k parameters at d = 512) vs ``attention_adapter`` (the code's FedCLIP attention
+  adapter, 525k); ``template_set`` ``coop`` vs ``fedpurel_code`` (the code's Pets / Food-101 / DTD templates).
+- Remaining known differences (not reproduced): the code trains prompt and adapter models with CLIP in fp16 (LoRA
+  in fp32); with LoRA each of q, k, v draws its own dropout mask (fedlt: one mask shared by the three); with LoRA
+  and adapter PEFT the code's student classifies with the text features of "a photo of a {}." while its teacher uses
+  the dataset template (fedlt: both use the zero-shot text features, identical for CIFAR / ImageNet / Places).
 
 Deviations / choices (docs/reference.md 4.8 and section 8 rows 10-16):
 - lambda defaults to the paper's 0.9 (the code's 0.99 via ``lam``).
@@ -54,8 +76,8 @@ Deviations / choices (docs/reference.md 4.8 and section 8 rows 10-16):
   student equals the teacher up to rounding, TKL is about 1e-9 and g_align about 1e-7 of g_task: rounding noise
   whose sign differs between CPU kernels (AVX2 / AVX-512) and thread counts, and each projection removes 20-70 %
   of a tensor's task gradient. ``align_noise_floor=1e-4`` leaves such groups unprojected.
-- Adapter PEFT: the code trains phi_k with the fusion CE only (lambda = 0); ``adapter_fusion_only=True`` keeps that
-  behaviour explicitly (``False`` applies ``lam`` to adapters too).
+- Adapter PEFT: the code trains phi_k with the fusion CE only (lambda = 0); ``adapter_fusion_only=True`` selects
+  that behaviour (the default ``False`` applies ``lam`` to adapters too, as the paper's L_k).
 - Optimizer: a fresh Stage-1 optimizer per client and round by default. ``share_optimizer_state=True`` mimics the
   code's single optimizer object reused across clients and rounds (momentum leaks between clients); the shared
   optimizer is per rank, so with several ranks the leak follows each rank's clients (in sorted order, after the
@@ -74,7 +96,7 @@ Deviations / choices (docs/reference.md 4.8 and section 8 rows 10-16):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -82,9 +104,10 @@ from torch import Tensor, nn
 
 from fedlt.engine.sharding import derive_seed, sample_cohort
 from fedlt.methods._clip import require_clip
-from fedlt.methods._tkl import DIRECTIONS, aligned_temperatures, plain_kl, tkl
+from fedlt.methods._tkl import DIRECTIONS, aligned_temperatures, plain_kl, soft_cross_entropy, tkl
 from fedlt.methods.base import METHODS
 from fedlt.methods.fedavg import FedAvg
+from fedlt.models.clip import ADAPTER_KINDS
 from fedlt.types import ClientContext, PaperRef, StepOutput
 
 if TYPE_CHECKING:
@@ -94,7 +117,7 @@ GLOBAL, PERSONAL = "global", "personal"
 PERSONAL_PREFIX = f"peft.{PERSONAL}."
 PURIFICATIONS = ("per_tensor", "global")
 STAGE2_SCHEDULES = ("interleaved", "post_hoc")
-ALIGNMENTS = ("tkl", "kl")
+ALIGNMENTS = ("tkl", "kl", "soft_ce")
 _INIT_TAG, _POST_HOC_TAG = 0xF0_9E1, 0xF0_9E2
 
 
@@ -153,7 +176,11 @@ class FedPuReL(FedAvg):
             code do; 1e-4 skips the projection against rounding noise at a fresh LoRA branch (B = 0), whose first
             step otherwise depends on the CPU's float kernels.
         purification: ``per_tensor`` (official code) or ``global`` (one vector over all phi_g tensors).
-        alignment: ``tkl`` (temperature-aligned KL) or ``kl`` (plain KL at temperature 1, the paper's ablation).
+        alignment: ``tkl`` (temperature-aligned KL), ``kl`` (plain KL at temperature 1, the paper's ablation) or
+            ``soft_ce`` (soft cross-entropy to the teacher at temperature 1).
+        adapter_alignment: the alignment loss with adapter PEFT (``adapter`` / ``attention_adapter``): ``None``
+            (default, the paper: as ``alignment``) or one of ``tkl``, ``kl``, ``soft_ce`` (the official code's adapter
+            variant: soft cross-entropy at T = 1).
         align_direction: direction of the alignment loss: ``teacher_first`` KL(z || f) (code) or ``reverse``.
         tkl_iters: bisection iterations of the TKL temperatures.
         tau_min: lower end of the temperature bracket.
@@ -167,7 +194,8 @@ class FedPuReL(FedAvg):
         stage2_lr: Stage-2 SGD learning rate.
         stage2_momentum: Stage-2 SGD momentum (code: none).
         stage2_weight_decay: Stage-2 weight decay (code: none).
-        adapter_fusion_only: with adapter PEFT, Stage 2 uses the fused CE only (lambda = 0), as the official code.
+        adapter_fusion_only: with adapter PEFT, Stage 2 uses the fused CE only (lambda = 0), as the official code;
+            ``False`` (default, the paper's L_k) applies ``lam`` to adapters as to prompts and LoRA.
         lr: Stage-1 SGD learning rate (eta).
         momentum: Stage-1 SGD momentum.
         weight_decay: Stage-1 weight decay.
@@ -186,6 +214,13 @@ class FedPuReL(FedAvg):
     )
     automatic_optimization = False
     needs_clip = True
+    # The official code's values (github shihaohou/FedPuReL, scripts/cifar100.sh and federated_main.py).
+    released_code: ClassVar[dict[str, Any]] = {
+        "lam": 0.99,
+        "share_optimizer_state": True,
+        "adapter_alignment": "soft_ce",
+        "adapter_fusion_only": True,
+    }
 
     def __init__(
         self,
@@ -194,6 +229,7 @@ class FedPuReL(FedAvg):
         align_noise_floor: float = 0.0,
         purification: str = "per_tensor",
         alignment: str = "tkl",
+        adapter_alignment: str | None = None,
         align_direction: str = "teacher_first",
         tkl_iters: int = 20,
         tau_min: float = 0.05,
@@ -205,7 +241,7 @@ class FedPuReL(FedAvg):
         stage2_lr: float = 1e-3,
         stage2_momentum: float = 0.0,
         stage2_weight_decay: float = 0.0,
-        adapter_fusion_only: bool = True,
+        adapter_fusion_only: bool = False,
         lr: float = 1e-3,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -220,6 +256,8 @@ class FedPuReL(FedAvg):
                                    ("stage2", stage2, STAGE2_SCHEDULES)):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        if adapter_alignment is not None and adapter_alignment not in ALIGNMENTS:
+            raise ValueError(f"unknown adapter_alignment {adapter_alignment!r}; valid: None, {', '.join(ALIGNMENTS)}")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         if lambda_proj < 0:
@@ -235,6 +273,7 @@ class FedPuReL(FedAvg):
         self.align_noise_floor = float(align_noise_floor)
         self.purification = purification
         self.alignment = alignment
+        self.adapter_alignment = adapter_alignment
         self.align_direction = align_direction
         self.tkl_iters = int(tkl_iters)
         self.tau_min, self.tau_max = float(tau_min), float(tau_max)
@@ -256,8 +295,8 @@ class FedPuReL(FedAvg):
         clip = require_clip(model, "FedPuReL")
         if clip.peft_kind == "none" or clip.head_kind != "text":
             raise ValueError("FedPuReL trains PEFT branches of CLIP's text classifier: set model.kwargs.peft to "
-                             f"prompt, lora or adapter and head to text; got peft={clip.peft_kind!r}, "
-                             f"head={clip.head_kind!r}")
+                             "prompt, lora, adapter or attention_adapter and head to text; got "
+                             f"peft={clip.peft_kind!r}, head={clip.head_kind!r}")
         if PERSONAL not in clip.branches:
             # Before the engine splits the keys; seeded so that every rank builds the same phi_k initialisation.
             with torch.random.fork_rng(devices=[]):
@@ -314,6 +353,14 @@ class FedPuReL(FedAvg):
             z = clip.classify(feats, None)
         return clip.classify(feats, GLOBAL), z
 
+    @property
+    def active_alignment(self) -> str:
+        """The Stage-1 alignment loss of the model's PEFT kind: ``adapter_alignment`` for adapters (when set), else
+        ``alignment``."""
+        if self.adapter_alignment is not None and self.clip.peft_kind in ADAPTER_KINDS:
+            return self.adapter_alignment
+        return self.alignment
+
     def stage1_losses(self, x: Tensor, y: Tensor, ctx: ClientContext) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(L_task, L_align, diagnostics) of a mini-batch (losses in fp32)."""
         f, z = self.student_teacher(x)
@@ -321,10 +368,13 @@ class FedPuReL(FedAvg):
         task = self.loss(f, y, ctx.class_counts, ctx.round)
         taus = aligned_temperatures(f, z, self.tkl_iters, self.tau_min, self.tau_max)
         temps = (taus[0], taus[1])
-        if self.alignment == "tkl":
+        alignment = self.active_alignment
+        if alignment == "tkl":
             align = tkl(f, z, self.align_direction, temperatures=temps)
-        else:
+        elif alignment == "kl":
             align = plain_kl(f, z, self.align_direction)
+        else:  # soft_ce: teacher-first by definition (a cross-entropy against the teacher's distribution)
+            align = soft_cross_entropy(f, z, 1.0)
         with torch.no_grad():
             diag = {d: tkl(f, z, d, temperatures=temps) for d in DIRECTIONS}
         return task, align, {f"tkl_{d}": v for d, v in diag.items()}
@@ -361,7 +411,7 @@ class FedPuReL(FedAvg):
     @property
     def stage2_lambda(self) -> float:
         """The lambda Stage 2 uses: 0 (fused CE only) for adapter PEFT with ``adapter_fusion_only``."""
-        return 0.0 if self.adapter_fusion_only and self.clip.peft_kind == "adapter" else self.lam
+        return 0.0 if self.adapter_fusion_only and self.clip.peft_kind in ADAPTER_KINDS else self.lam
 
     def branch_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(l_G, l_P) of a batch with the branches as they are, both with whatever gradients are enabled."""

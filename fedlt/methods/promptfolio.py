@@ -2,7 +2,7 @@
 
 Paper: B. Pan, W. Huang, Y. Shi, "Federated Learning from Vision-Language Foundation Models: Theoretical Analysis
 and Method", NeurIPS 2024, arXiv:2409.19610. Official code: github PanBikang/PromptFolio (``trainers/
-PromptFolio.py``, read in its public fork GoodBoyCole/PromptFolio-FL).
+PromptFolio.py``, ``federated_main.py``, ``configs/trainers/PromptFolio/vit_b16.yaml``).
 
 Model: a frozen CLIP with two CoOp prompts (``peft: prompt``): the global context (branch ``global``, state keys
 ``peft.global.*``) and a local context (branch ``local``, added in ``setup``, keys ``peft.local.*``), each giving
@@ -22,17 +22,24 @@ Inference: PM (client k) = the portfolio with k's local prompt -- the model the 
 test data; GM = the global prompt alone (``logit_scale * f @ t_g^T``), reported for FedPuReL's GM tables.
 Hyperparameters (paper symbol): ``theta`` (theta, the mixing coefficient; default 0.4 = the official code's
 argparse default and README example ``--frac_p 0.4``; the paper's own choice was not verified against the PDF),
-``lr`` 1e-3 (the code's default), ``momentum`` 0.9 and ``weight_decay`` 5e-4 (Dassl SGD, as for PromptFL),
-``batch_size`` 32 (FedPuReL's protocol; the code's default is 16), ``local_epochs`` 1.
-The context length is the model's ``n_ctx`` (code default 8, FedPuReL 4).
+``lr`` 1e-3, ``momentum`` 0.9 and ``weight_decay`` 5e-4 (Dassl SGD, as for PromptFL), ``batch_size`` 32,
+``local_epochs`` 1: the defaults are FedPuReL's protocol, under which fedlt runs PromptFolio as a baseline of
+FedPuReL's tables (``configs/clip/promptfolio.yaml``); PromptFolio's paper's own values were not verified against
+the PDF. The context length is the model's ``n_ctx`` (code default 8, FedPuReL 4).
+Released code (``PromptFolio.released_code``): ``lr`` 2e-3 -- the ``--lr`` argument defaults to 1e-3, but
+``federated_main.py`` writes it into the config *before* merging the trainer config file, whose ``OPTIM.LR: 0.002``
+then wins (nothing resets it afterwards); by the same order the file's ``MAX_EPOCH: 5`` overrides the intended one
+local epoch (``local_epochs`` 5), while ``--train_batch_size`` (16) is applied after the merge (``batch_size`` 16).
 Deviations / choices: fp32 master weights instead of the code's fp16 CLIP; a fresh optimizer per client and round
-(the code reuses one Dassl optimizer, leaking momentum between clients); only prompt PEFT is supported (the
-portfolio mixes text features).
+(the code reuses one Dassl optimizer, leaking momentum between clients) and a constant lr (the code's Dassl
+scheduler -- one warm-up epoch at 1e-5, then cosine over 5 epochs, one object stepped once per local epoch across
+clients and rounds -- is not reproduced: 2e-3 is its peak); only prompt PEFT is supported (the portfolio mixes
+text features).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -52,11 +59,11 @@ class PromptFolio(PromptFL):
 
     Args:
         theta: mixing coefficient of the local prompt's text features (0: global only, 1: local only).
-        lr: local SGD learning rate.
+        lr: local SGD learning rate (1e-3, FedPuReL's protocol; the released code runs 2e-3, its trainer config's).
         momentum: local SGD momentum.
         weight_decay: local weight decay.
-        local_epochs: local epochs E.
-        batch_size: local batch size B.
+        local_epochs: local epochs E (the released code: 5, its trainer config's ``MAX_EPOCH``).
+        batch_size: local batch size B (the released code: 16, its ``--train_batch_size`` default).
         **kwargs: further local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
@@ -64,7 +71,10 @@ class PromptFolio(PromptFL):
         title="Federated Learning from Vision-Language Foundation Models: Theoretical Analysis and Method",
         venue="NeurIPS 2024",
         arxiv="2409.19610",
+        url="https://github.com/PanBikang/PromptFolio",
     )
+    # What github PanBikang/PromptFolio runs with its default trainer config (see the module docstring).
+    released_code: ClassVar[dict[str, Any]] = {"lr": 0.002, "local_epochs": 5, "batch_size": 16}
 
     def __init__(self, theta: float = 0.4, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 5e-4,
                  local_epochs: int = 1, batch_size: int = 32, **kwargs: Any) -> None:

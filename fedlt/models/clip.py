@@ -8,9 +8,15 @@ holding the only trainable tensors:
   encoder's token-embedding space; the class prompt is ``[SOS] ctx_1 .. ctx_n {class name}. [EOS]`` (class token
   at the end, as in FedPuReL and PromptFL);
 * ``lora`` -- LoRA (Hu et al., ICLR 2022) on the q / k / v projections of every attention layer of the image
-  tower: ``W x + (alpha / r) B A dropout(x)``, A Kaiming-uniform, B zero (so a fresh branch equals zero-shot);
+  tower: ``W x + s B A dropout(x)``, A Kaiming-uniform, B zero (so a fresh branch equals zero-shot), with the scale
+  ``s = alpha / r`` of the LoRA paper (``lora_scaling="alpha_over_r"``) or ``s = alpha / sqrt(r)``
+  (``"alpha_over_sqrt_r"``, the rank-stabilised scale of CLIP-LoRA's loralib that FedPuReL's released code uses:
+  at r = 8, alpha = 16 the code's delta is sqrt(8) = 2.83 times fedlt's default);
 * ``adapter`` -- CLIP-Adapter (Gao et al., IJCV 2023) on the image feature: ``f' = r A(f) + (1 - r) f`` with a
-  two-layer bottleneck MLP A (reduction 4, ReLU) and residual ratio r = 0.2.
+  two-layer bottleneck MLP A (reduction 4, ReLU) and residual ratio r = 0.2;
+* ``attention_adapter`` -- FedCLIP's attention adapter (Lu et al. 2023, arXiv:2302.13485), the adapter of
+  FedPuReL's released code: ``f' = softmax(W_2 tanh(W_1 f + b_1) + b_2) * f`` (element-wise), two d x d linear
+  layers with biases (2 (d^2 + d) parameters: 525,312 at d = 512), PyTorch's default ``nn.Linear`` initialisation.
 
 Every trainable tensor lives under the ``peft.<branch>.`` state-dict prefix (and ``head.`` for a linear head);
 everything else -- the open_clip weights, the frozen text features -- is reported by :meth:`frozen_state_keys`.
@@ -50,14 +56,17 @@ from fedlt.models.timm_model import PretrainedWeightsUnavailable
 from fedlt.registry import UnknownNameError
 
 CLIP_PREFIX = "clip:"
-PEFT_KINDS = ("prompt", "lora", "adapter", "none")
+PEFT_KINDS = ("prompt", "lora", "adapter", "attention_adapter", "none")
+ADAPTER_KINDS = ("adapter", "attention_adapter")  # PEFT on the image feature (after the image tower)
 HEAD_KINDS = ("text", "linear")
+LORA_SCALINGS = ("alpha_over_r", "alpha_over_sqrt_r")
+TEMPLATE_SETS = ("coop", "fedpurel_code")
 _CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
 
 DEFAULT_TEMPLATE = "a photo of a {}."
-# Zero-shot prompt templates per dataset (the source's ``name``). FedPuReL uses one hand-crafted template per
-# dataset (CoOp's table, docs/reference.md 4.1); datasets without an entry use DEFAULT_TEMPLATE (FedPuReL's code has no
-# Places-LT entry, docs/reference.md 4.8).
+# Zero-shot prompt templates per dataset (the source's ``name``), ``template_set="coop"`` (default): the paper's
+# hand-crafted per-dataset template, taken from CoOp's table (docs/reference.md 4.1); datasets without an entry use
+# DEFAULT_TEMPLATE (FedPuReL's code has no Places-LT entry, docs/reference.md 4.8).
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "cifar10": (DEFAULT_TEMPLATE,),
     "cifar100": (DEFAULT_TEMPLATE,),
@@ -70,6 +79,17 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "digits": ('a photo of the number: "{}".',),
     "fashionmnist": (DEFAULT_TEMPLATE,),
 }
+# ``template_set="fedpurel_code"``: the templates of FedPuReL's released code (its zero-shot teacher's table, keyed by
+# the Dassl dataset names OxfordPets, Food101 and DescribableTextures -- the name its DTD config sets; an unused
+# "DTD_LT" key of its prompt trainer would give "a photo of a {} pattern."). Pets and food put the category first,
+# DTD reads "a texture of"; every other dataset is as in TEMPLATES.
+FEDPUREL_CODE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    **TEMPLATES,
+    "oxford_pets": ("a type of pet, a photo of a {}.",),
+    "food101": ("a type of food, a photo of {}.",),
+    "dtd": ("a texture of {}.",),
+}
+_TEMPLATE_TABLES = {"coop": TEMPLATES, "fedpurel_code": FEDPUREL_CODE_TEMPLATES}
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -194,10 +214,14 @@ def cosine_logits(scale: Tensor | float, features: Tensor, text: Tensor) -> Tens
 
 
 def _check_args(peft: str, head: str, head_init: str, n_ctx: int, lora_rank: int, adapter_reduction: int,
-                lora_targets: Sequence[str]) -> None:
+                lora_targets: Sequence[str], lora_scaling: str, template_set: str) -> None:
     """Validates :class:`ClipModel`'s choices with messages naming the valid values."""
     if peft not in PEFT_KINDS:
         raise ValueError(f"unknown peft {peft!r}; valid: {', '.join(PEFT_KINDS)}")
+    if lora_scaling not in LORA_SCALINGS:
+        raise ValueError(f"unknown lora_scaling {lora_scaling!r}; valid: {', '.join(LORA_SCALINGS)}")
+    if template_set not in TEMPLATE_SETS:
+        raise ValueError(f"unknown template_set {template_set!r}; valid: {', '.join(TEMPLATE_SETS)}")
     if head not in HEAD_KINDS:
         raise ValueError(f"unknown head {head!r}; valid: {', '.join(HEAD_KINDS)}")
     if head_init not in ("zeroshot", "random"):
@@ -208,9 +232,17 @@ def _check_args(peft: str, head: str, head_init: str, n_ctx: int, lora_rank: int
         raise ValueError(f"lora_targets must be a non-empty subset of q, k, v; got {list(lora_targets)}")
 
 
-def _templates(templates: Sequence[str] | None, dataset: str | None) -> tuple[str, ...]:
-    """The zero-shot templates: ``templates``, else the dataset's (:data:`TEMPLATES`), else the default."""
-    chosen = tuple(templates) if templates else TEMPLATES.get((dataset or "").lower(), (DEFAULT_TEMPLATE,))
+def lora_scale(alpha: float, rank: int, scaling: str = "alpha_over_r") -> float:
+    """The LoRA delta's scale: ``alpha / r`` (LoRA paper) or ``alpha / sqrt(r)`` (CLIP-LoRA's loralib)."""
+    if scaling not in LORA_SCALINGS:
+        raise ValueError(f"unknown lora_scaling {scaling!r}; valid: {', '.join(LORA_SCALINGS)}")
+    return float(alpha) / (float(rank) if scaling == "alpha_over_r" else math.sqrt(rank))
+
+
+def _templates(templates: Sequence[str] | None, dataset: str | None, template_set: str = "coop") -> tuple[str, ...]:
+    """The zero-shot templates: ``templates``, else the dataset's in the ``template_set`` table, else the default."""
+    table = _TEMPLATE_TABLES[template_set]
+    chosen = tuple(templates) if templates else table.get((dataset or "").lower(), (DEFAULT_TEMPLATE,))
     for t in chosen:
         if t.count("{}") != 1:
             raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
@@ -241,6 +273,10 @@ class _PeftBranch(nn.Module):
             hidden = max(1, embed_dim // adapter_reduction)
             self.adapter = nn.Sequential(nn.Linear(embed_dim, hidden, bias=False), nn.ReLU(inplace=True),
                                          nn.Linear(hidden, embed_dim, bias=False), nn.ReLU(inplace=True))
+        elif kind == "attention_adapter":
+            # FedCLIP's attention vector over the feature dimensions (multiplied into the feature by ClipModel).
+            self.attn_adapter = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(),
+                                              nn.Linear(embed_dim, embed_dim), nn.Softmax(dim=-1))
 
 
 class _LoRAAttention(nn.Module):
@@ -305,12 +341,19 @@ class ClipModel(FedModel):
         checkpoint_path: local checkpoint file instead of a download.
         templates: zero-shot prompt templates with one ``{}`` (overrides the dataset's); the text features are the
             normalised mean over templates (CLIP's prompt ensembling).
-        peft: ``prompt`` (CoOp context), ``lora`` (image-tower q/k/v), ``adapter`` (CLIP-Adapter) or ``none``.
+        template_set: the per-dataset template table when ``templates`` is not given: ``coop`` (:data:`TEMPLATES`,
+            CoOp's hand-crafted table, fedlt's reading of FedPuReL's paper) or ``fedpurel_code``
+            (:data:`FEDPUREL_CODE_TEMPLATES`, the table of FedPuReL's released code: other Pets, Food-101 and DTD
+            templates).
+        peft: ``prompt`` (CoOp context), ``lora`` (image-tower q/k/v), ``adapter`` (CLIP-Adapter),
+            ``attention_adapter`` (FedCLIP's attention adapter, FedPuReL's code) or ``none``.
         n_ctx: number of learnable context tokens (prompt PEFT; FedPuReL/PromptFL: 4, CoOp: 16).
         ctx_init: initialise the context from these words' token embeddings (e.g. ``"a photo of a"``; its token
             count sets ``n_ctx``) instead of N(0, 0.02^2).
         lora_rank: LoRA rank r (FedPuReL: 8).
-        lora_alpha: LoRA alpha; the delta is scaled by alpha / r (FedPuReL: 16).
+        lora_alpha: LoRA alpha (FedPuReL: 16); the delta is scaled by ``lora_scaling``.
+        lora_scaling: ``alpha_over_r`` (alpha / r, the LoRA paper's rule) or ``alpha_over_sqrt_r`` (alpha / sqrt(r),
+            CLIP-LoRA's loralib, which FedPuReL's released code uses).
         lora_dropout: dropout on the LoRA input (FedPuReL: 0.25).
         lora_targets: which projections get LoRA factors, a subset of ``q``, ``k``, ``v``.
         adapter_reduction: bottleneck reduction of the adapter MLP.
@@ -332,11 +375,13 @@ class ClipModel(FedModel):
         tag: str | None = "openai",
         checkpoint_path: str | None = None,
         templates: Sequence[str] | None = None,
+        template_set: str = "coop",
         peft: str = "prompt",
         n_ctx: int = 4,
         ctx_init: str | None = None,
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
+        lora_scaling: str = "alpha_over_r",
         lora_dropout: float = 0.25,
         lora_targets: Sequence[str] = ("q", "k", "v"),
         adapter_reduction: int = 4,
@@ -347,7 +392,8 @@ class ClipModel(FedModel):
         image_size: int = 224,
     ) -> None:
         super().__init__()
-        _check_args(peft, head, head_init, n_ctx, lora_rank, adapter_reduction, lora_targets)
+        _check_args(peft, head, head_init, n_ctx, lora_rank, adapter_reduction, lora_targets, lora_scaling,
+                    template_set)
         names = [str(c) for c in (class_names if class_names else range(num_classes))]
         if len(names) != num_classes:
             raise ValueError(f"{len(names)} class names for {num_classes} classes")
@@ -362,14 +408,15 @@ class ClipModel(FedModel):
         self.clip.requires_grad_(False)
         self.clip.eval()
         self.tokenizer = open_clip.get_tokenizer(model_name) if not model_name.startswith("local-dir:") else None
-        self.templates = _templates(templates, dataset)
+        self.templates = _templates(templates, dataset, template_set)
         visual = self.clip.visual
         size = getattr(visual, "image_size", 224)
         self.input_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.num_features = int(self.clip.text_projection.shape[-1]) if self.clip.text_projection is not None \
             else int(self.clip.token_embedding.embedding_dim)
         self.text_width = int(self.clip.token_embedding.embedding_dim)
-        self.lora_scale = float(lora_alpha) / float(lora_rank)
+        self.lora_scaling = lora_scaling
+        self.lora_scale = lora_scale(lora_alpha, lora_rank, lora_scaling)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.adapter_ratio = float(adapter_ratio)
         self._cfg = dict(text_width=self.text_width, embed_dim=self.num_features, n_ctx=n_ctx,
@@ -538,11 +585,14 @@ class ClipModel(FedModel):
             adapter = getattr(b, "adapter", None) if b is not None else None
             if adapter is not None:
                 f = self.adapter_ratio * adapter(f) + (1.0 - self.adapter_ratio) * f
+            attention = getattr(b, "attn_adapter", None) if b is not None else None
+            if attention is not None:
+                f = attention(f) * f
             return F.normalize(f, dim=-1)
 
     def image_depends_on_branch(self) -> bool:
         """Whether the image features differ between branches (LoRA or adapter PEFT)."""
-        return self.peft_kind in ("lora", "adapter")
+        return self.peft_kind in ("lora", *ADAPTER_KINDS)
 
     def classify(self, features: Tensor, branch: str | None = None) -> Tensor:
         """Logits (B, C) of normalised ``features`` with ``branch``'s classifier."""

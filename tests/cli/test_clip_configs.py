@@ -36,16 +36,16 @@ def test_baseline_overlays_compose_with_the_fedpurel_paper_configs(overlay, caps
 
 
 def test_fedpurel_paper_protocol():
-    """methods.md 1.9 / 1.3 / 1.5: 20 clients, 8 per round, 100 rounds, batch 32, lr 1e-3, lambda 0.9, P-E with
-    pooled local tests on CIFAR-100-LT (alpha = the superclass concentration), P-F with T-D / T-E on ImageNet-LT /
-    Places-LT, the <= 20 tail rule."""
+    """docs/reference.md 1.9 / 1.3 / 1.5: 20 clients, 8 per round, 100 rounds, batch 32, lr 1e-3, lambda 0.99 (the
+    released code's, FedPuReL.released_code; the paper's text says 0.9), P-E with pooled local tests on CIFAR-100-LT
+    (alpha = the superclass concentration), P-F with T-D / T-E on ImageNet-LT / Places-LT, the <= 20 tail rule."""
     assert len(FEDPUREL) == 6
     for path in FEDPUREL:
         cfg = yaml.safe_load(path.read_text())
         data, method = cfg["data"], cfg["method"]["init_args"]
         assert data["num_clients"] == 20 and cfg["trainer"]["clients_per_round"] == 8
         assert cfg["trainer"]["rounds"] == 100 and method["batch_size"] == 32 and method["lr"] == 0.001
-        assert method["lam"] == 0.9 and data["group_convention"] == "fedpurel"
+        assert method["lam"] == 0.99 and data["group_convention"] == "fedpurel"
         if "cifar100" in path.stem:
             assert data["partition"]["class_path"] == "HierarchicalPooled" and data["local_test"] == "pooled"
             assert data["partition"]["init_args"]["beta"] == {"01": 0.1, "05": 0.5, "10": 1.0, "50": 5.0}[

@@ -1,5 +1,6 @@
-"""FedPuReL invariants (methods.md 4.9): gradient purification, temperature-aligned KL, Stage 2, uploads, store,
-cohorts, inference -- plus a hand-written Stage-1 step and all three PEFT kinds (prompt, LoRA, adapter)."""
+"""FedPuReL invariants (docs/reference.md 4.9): gradient purification, temperature-aligned KL, Stage 2, uploads, store,
+cohorts, inference -- plus a hand-written Stage-1 step, every PEFT kind (prompt, LoRA, CLIP-Adapter, FedCLIP's
+attention adapter) and the released code's options (soft cross-entropy alignment of the code's adapter variant)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from scipy.optimize import brentq
 
 from fedlt.cli import _build, _experiment
 from fedlt.engine.sharding import sample_cohort
-from fedlt.methods._tkl import aligned_temperatures, plain_kl, softmax_entropy, tkl
+from fedlt.methods._tkl import aligned_temperatures, plain_kl, soft_cross_entropy, softmax_entropy, tkl
 from fedlt.methods.fedpurel import FedPuReL, purify
 from fedlt.types import ClientContext
 
@@ -24,7 +25,7 @@ ARGS = ["--config", str(ROOT / "tests" / "configs" / "tiny.yaml"),
         "--method.init_args.batch_size", "16",
         # Smaller than tiny.yaml (seconds per file): about 190 training and 80 test images.
         "--data.source.init_args.train_per_class", "50", "--data.source.init_args.test_per_class", "8"]
-PEFTS = ("prompt", "lora", "adapter")
+PEFTS = ("prompt", "lora", "adapter", "attention_adapter")
 
 
 def _sim(tmp_path: Path, *extra: str, peft: str = "prompt", model_kwargs: str = ""):
@@ -187,6 +188,29 @@ def test_tkl_gradient_flows_through_f_with_constant_temperatures():
     ref = (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(-1).mean()
     ref.backward()
     torch.testing.assert_close(f.grad.double(), f64.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_soft_cross_entropy_is_the_codes_adapter_loss():
+    """The code's adapter alignment: -sum softmax(z) log softmax(f) at T = 1, batch mean. It exceeds the
+    teacher-first KL by the teacher's entropy (so both have the same gradient) and, unlike TKL, does not neutralise a
+    confidence change."""
+    f, z = _logits(5).requires_grad_(True), _logits(6)
+    loss = soft_cross_entropy(f, z)
+    loss.backward()
+    f64 = f.detach().double().requires_grad_(True)
+    p = torch.exp(z.double()) / torch.exp(z.double()).sum(-1, keepdim=True)
+    ref = -(p * (f64 - torch.logsumexp(f64, -1, keepdim=True))).sum(-1).mean()
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    torch.testing.assert_close(f.grad.double(), f64.grad, rtol=1e-5, atol=1e-7)
+    entropy = float(softmax_entropy(z.double()).mean())
+    assert float(loss) - float(plain_kl(f, z)) == pytest.approx(entropy, rel=1e-5)
+    assert float(soft_cross_entropy(2 * z, z)) - entropy > 0.05 and abs(float(tkl(2 * z, z))) < 1e-6
+    # T scales as in the code's GradPurLoss: T^2 times the cross-entropy of the softened distributions.
+    t = 2.0
+    p_t = torch.softmax(z.double() / t, -1)
+    ref_t = -(p_t * torch.log_softmax(f.detach().double() / t, -1)).sum(-1).mean() * t * t
+    assert float(soft_cross_entropy(f, z, t)) == pytest.approx(float(ref_t), rel=1e-5)
 
 
 # -- a hand-written Stage-1 step ------------------------------------------------------------------------------
@@ -355,6 +379,57 @@ def test_stage2_loss_formula_and_lambda_one_ignores_the_global_branch(tmp_path):
         assert torch.equal(m.stage2_loss(x, y), only_p)
 
 
+@pytest.mark.parametrize("peft", ["adapter", "attention_adapter"])
+def test_adapter_alignment_option_is_a_hand_written_soft_cross_entropy(tmp_path, peft):
+    """``adapter_alignment="soft_ce"`` (the code's adapter variant): L_align = -mean_b sum_c softmax(z) log softmax(f)
+    at T = 1, with its gradient w.r.t. phi_g; the default (None: as ``alignment``) is the TKL, a different loss."""
+    sim = _sim(tmp_path, "--method.init_args.adapter_alignment", "soft_ce", peft=peft)
+    m, clip = sim.method, sim.model
+    sim.load_client(0)
+    x, y = _batch(sim)
+    assert m.active_alignment == "soft_ce"
+    _, align, _ = m.stage1_losses(x, y, _ctx(sim, 0))
+    got = torch.autograd.grad(align, m._global_params)
+    f = clip.classify(clip.encode(x, "global"), "global").double()
+    z = clip.zero_shot_logits(x).double()
+    p = torch.exp(z - torch.logsumexp(z, -1, keepdim=True))
+    ref = -(p * (f - torch.logsumexp(f, -1, keepdim=True))).sum(-1).mean()
+    want = torch.autograd.grad(ref, m._global_params)
+    assert float(align) == pytest.approx(float(ref), rel=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-7)
+    # Paper mode (the default): TKL, which differs from the soft CE by more than the teacher's entropy.
+    m.adapter_alignment = None
+    assert m.active_alignment == "tkl"
+    _, align_tkl, _ = m.stage1_losses(x, y, _ctx(sim, 0))
+    assert float(align_tkl) == pytest.approx(float(_hand_tkl(f.float(), z.float())), rel=1e-4, abs=1e-6)
+    assert abs(float(align) - float(align_tkl)) > 0.1
+    # The option only concerns adapters: prompt PEFT keeps ``alignment``.
+    prompt = _sim(tmp_path / "p", "--method.init_args.adapter_alignment", "soft_ce").method
+    assert prompt.active_alignment == "tkl"
+
+
+def test_adapter_fusion_only_defaults_to_the_papers_stage2_loss(tmp_path):
+    """Default (paper): adapters use L_k with lam like the other PEFT kinds; ``adapter_fusion_only=True`` (code):
+    the fused CE alone, for both adapter kinds."""
+    assert FedPuReL().adapter_fusion_only is False
+    assert FedPuReL.released_code == {"lam": 0.99, "share_optimizer_state": True, "adapter_alignment": "soft_ce",
+                                      "adapter_fusion_only": True}
+    sim = _sim(tmp_path, "--method.init_args.adapter_fusion_only", "false", peft="attention_adapter")
+    m = sim.method
+    assert m.stage2_lambda == 0.9
+    x, y = _batch(sim, 3)
+    with torch.no_grad():
+        l_g, l_p = m.branch_logits(x)
+        paper = 0.1 * F.cross_entropy(l_g + l_p, y) + 0.9 * F.cross_entropy(l_p, y)
+        assert float(m.stage2_loss(x, y)) == pytest.approx(float(paper), rel=1e-6)
+        m.adapter_fusion_only = True
+        assert m.stage2_lambda == 0.0
+        code = F.cross_entropy(l_g + l_p, y)
+        assert float(m.stage2_loss(x, y)) == pytest.approx(float(code), rel=1e-6)
+        assert abs(float(paper) - float(code)) > 1e-3
+
+
 def test_adapter_stage2_uses_the_fused_ce_only(tmp_path):
     sim = _sim(tmp_path, peft="adapter")
     m = sim.method
@@ -495,7 +570,7 @@ def test_personal_branch_init_is_seeded_and_identical_for_every_client(tmp_path)
 
 def test_rejects_bad_arguments_and_non_clip_models(tmp_path):
     for kwargs in ({"purification": "x"}, {"stage2": "x"}, {"align_direction": "x"}, {"lam": 1.5},
-                   {"alignment": "x"}, {"tau_min": 0.0}):
+                   {"alignment": "x"}, {"adapter_alignment": "x"}, {"tau_min": 0.0}):
         with pytest.raises(ValueError):
             FedPuReL(**kwargs)
     with pytest.raises(ValueError, match="CLIP"):
