@@ -29,6 +29,18 @@ from fedlt.data.transforms import NORMALIZATIONS
 
 __all__ = ["AUGMENTATIONS", "LOCAL_TEST_PROTOCOLS", "STORAGE_MODES", "FederatedDataset", "TensorSplit"]
 
+GROUP_SOURCES: tuple[str, ...] = ("train", "local_test")
+PM_GROUP_SOURCES: tuple[str, ...] = ("global", "local_test")
+
+
+def check_group_sources(group_source: str, pm_group_source: str, local_test: str) -> None:
+    """Validates ``group_source`` / ``pm_group_source``; both ``local_test`` choices need local test sets."""
+    check_choice("group_source", group_source, GROUP_SOURCES)
+    check_choice("pm_group_source", pm_group_source, PM_GROUP_SOURCES)
+    if local_test == "none" and "local_test" in (group_source, pm_group_source):
+        raise ValueError("group_source / pm_group_source 'local_test' need local test sets (data.local_test is none)")
+
+
 class FederatedDataset:
     """A long-tailed, partitioned federated dataset held as tensors on one device.
 
@@ -47,8 +59,15 @@ class FederatedDataset:
             split evenly over all clients), ``independent`` (T-E: a fresh P-F draw with the partitioner's alpha),
             ``pooled`` (T-C, the default and only choice with ``HierarchicalPooled``) or ``none``; multi-domain
             sources default to ``none`` (the test set is an unseen domain).
-        group_convention: many/medium/few rule: ``counts`` (>100 / <20), ``cumulative`` (75 % / 95 %) or
-            ``thirds``.
+        group_convention: many/medium/few rule: ``counts`` (>100 / <20), ``cumulative`` (75 % / 95 %),
+            ``thirds`` or ``fedpurel``.
+        group_source: which class counts the GM groups are computed from (docs/reference.md 1.6): ``train`` (the
+            global training counts, the default) or ``local_test`` (the local test sets' class counts summed over
+            all clients, as FedLoGe's released evaluation does). Needs local test sets.
+        pm_group_source: which groups PM many / medium / few use: ``global`` (the GM groups, the default) or
+            ``local_test`` (every client's own groups, from its local test set's class counts with the same
+            convention; a group's PM accuracy is then averaged over the clients that have it, as FedLoGe's released
+            evaluation does). Needs local test sets.
         augment: apply the training augmentation (``augmentation``) in ``get_batch(train=True)``; False switches
             augmentation off entirely.
         mask_absent_classes: PM evaluation only: classes with no sample in a client's local test set can never be
@@ -97,6 +116,8 @@ class FederatedDataset:
         partition: Partitioner | None = None,
         local_test: str | None = None,
         group_convention: str = "counts",
+        group_source: str = "train",
+        pm_group_source: str = "global",
         augment: bool = True,
         mask_absent_classes: bool = False,
         seed: int | None = None,
@@ -119,6 +140,7 @@ class FederatedDataset:
         check_choice("normalization", normalization, (None, *NORMALIZATIONS))
         check_choice("augmentation", augmentation, AUGMENTATIONS)
         check_choice("storage", storage, STORAGE_MODES)
+        check_group_sources(group_source, pm_group_source, local_test)
         if image_size is not None and image_size < 1:
             raise ValueError(f"image_size must be a positive side length or None, got {image_size}")
         self.source = source
@@ -128,6 +150,7 @@ class FederatedDataset:
         self.partition = partition
         self.local_test = local_test
         self.group_convention = group_convention
+        self.group_source, self.pm_group_source = group_source, pm_group_source
         self.augment = augment
         self.mask_absent_classes = mask_absent_classes
         self.seed = seed
@@ -320,9 +343,19 @@ class FederatedDataset:
         ).astype(np.int64)
         self.class_counts = np.bincount(train_y, minlength=num_classes).astype(np.int64)
         self.client_sizes = self.client_class_counts.sum(1)
-        self.groups = class_groups(self.class_counts, self.group_convention)
-        self.local_test_shortfall = np.asarray(shortfall, dtype=np.int64)
         test_y = test.y.cpu()
+        #: (K, C) class counts of every client's local test set (its quotas).
+        self.client_test_counts = np.stack([
+            np.bincount(test_y.numpy()[np.asarray(p, dtype=np.int64)], minlength=num_classes)
+            for p in client_test_indices
+        ]).astype(np.int64) if client_test_indices else np.zeros((0, num_classes), dtype=np.int64)
+        source = getattr(self, "group_source", "train")
+        counts = self.class_counts if source == "train" else self.client_test_counts.sum(0)
+        self.groups = class_groups(counts, self.group_convention)
+        #: (K, C) per-client groups for PM (``pm_group_source="local_test"``), else None (PM uses ``groups``).
+        self.client_groups = np.stack([class_groups(c, self.group_convention) for c in self.client_test_counts]) \
+            if getattr(self, "pm_group_source", "global") == "local_test" else None
+        self.local_test_shortfall = np.asarray(shortfall, dtype=np.int64)
         self.client_test_classes = torch.stack([
             torch.bincount(test_y[torch.as_tensor(np.asarray(p), dtype=torch.int64)], minlength=num_classes) > 0
             for p in client_test_indices
@@ -393,6 +426,8 @@ class FederatedDataset:
         client_test_indices: list[Tensor] | None = None,
         group_convention: str = "counts",
         mask_absent_classes: bool = False,
+        group_source: str = "train",
+        pm_group_source: str = "global",
     ) -> FederatedDataset:
         """An already set-up dataset from given tensors and partition (benchmarks, tests).
 
@@ -408,6 +443,8 @@ class FederatedDataset:
             client_test_indices: per-client index tensors into the test set; default empty for every client.
             group_convention: many/medium/few rule (see ``class_groups``).
             mask_absent_classes: see the class docstring.
+            group_source: see the class docstring.
+            pm_group_source: see the class docstring.
 
         Returns:
             A dataset whose tensors stay on ``train_x``'s device.
@@ -417,6 +454,8 @@ class FederatedDataset:
         obj.normalization, obj.augmentation, obj.storage, obj.partition_unassigned = None, "source", "device", 0
         obj.imbalance_factor, obj.lt_profile, obj.local_test, obj.seed = None, "given", "given", None
         obj.group_convention, obj.augment = group_convention, False
+        check_group_sources(group_source, pm_group_source, "given" if client_test_indices else "none")
+        obj.group_source, obj.pm_group_source = group_source, pm_group_source
         obj.mask_absent_classes = mask_absent_classes
         obj.domain_names, obj.target_domain, obj.val, obj.client_val_indices = [], None, None, []
         obj.class_names, obj.lt_indices = [str(c) for c in range(num_classes)], None

@@ -39,6 +39,8 @@ def federated_summary(data: FederatedDataset) -> dict[str, Any]:
         "mask_absent_classes": data.mask_absent_classes,
         "seed": data.seed,
         "group_convention": data.group_convention,
+        "group_source": getattr(data, "group_source", "train"),
+        "pm_group_source": getattr(data, "pm_group_source", "global"),
         "group_sizes": {name: int(group_sizes[g]) for g, name in enumerate(GROUP_NAMES)},
         "groups": [GROUP_NAMES[g] for g in data.groups],
         "train_size": len(data.train),

@@ -40,7 +40,9 @@ class Evaluator:
         data = sim.data
         groups = torch.as_tensor(data.groups, dtype=torch.long)
         self.gm = GroupedAccuracy(data.num_classes, groups).to(sim.device)
-        self.pm = PersonalizedAccuracy(data.num_clients, data.num_classes, groups).to(sim.device)
+        client_groups = getattr(data, "client_groups", None)  # (K, C) with data.pm_group_source="local_test"
+        pm_groups = groups if client_groups is None else torch.as_tensor(client_groups, dtype=torch.long)
+        self.pm = PersonalizedAccuracy(data.num_clients, data.num_classes, pm_groups).to(sim.device)
         self._masking = bool(getattr(data, "mask_absent_classes", False))
         self._client_counts: Tensor | None = None  # (2, K) this rank's PM correct / total of the last evaluation
 

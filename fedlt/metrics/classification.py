@@ -76,7 +76,8 @@ class PersonalizedAccuracy(torchmetrics.Metric):
     Args:
         num_clients: K.
         num_classes: C.
-        groups: (C,) group id per class, 0 = many, 1 = medium, 2 = few.
+        groups: (C,) group id per class, 0 = many, 1 = medium, 2 = few, or (K, C) per-client groups (row k: client
+            k's own groups, averaged per group over the clients that have test samples in it).
         **kwargs: forwarded to :class:`torchmetrics.Metric`.
 
     ``compute()`` returns the keys of :func:`~fedlt.metrics.functional.personal_summary` as 0-dim float tensors,
@@ -98,7 +99,7 @@ class PersonalizedAccuracy(torchmetrics.Metric):
         super().__init__(**kwargs)
         self.num_clients = _check_positive(num_clients, "num_clients")
         self.num_classes = _check_positive(num_classes, "num_classes")
-        self.register_buffer("groups", _as_groups(groups, num_classes), persistent=False)
+        self.register_buffer("groups", _as_groups(groups, num_classes, num_clients), persistent=False)
         shape = (num_clients, num_classes)
         self.add_state("correct", torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros(shape, dtype=torch.long), dist_reduce_fx="sum")
@@ -135,11 +136,13 @@ def _check_positive(value: int, name: str) -> int:
     return value
 
 
-def _as_groups(groups: Tensor | Sequence[int], num_classes: int) -> Tensor:
-    """Converts and validates a (C,) group-id vector (0 = many, 1 = medium, 2 = few)."""
+def _as_groups(groups: Tensor | Sequence[int], num_classes: int, num_clients: int | None = None) -> Tensor:
+    """Converts and validates a (C,) group-id vector (0 = many, 1 = medium, 2 = few), or with ``num_clients`` also
+    a (K, C) table of per-client groups."""
     out = torch.as_tensor(groups, dtype=torch.long).detach().clone().cpu()
-    if out.shape != (num_classes,):
-        raise ValueError(f"groups must have shape ({num_classes},), got {tuple(out.shape)}")
+    shapes = [(num_classes,)] + ([(num_clients, num_classes)] if num_clients is not None else [])
+    if tuple(out.shape) not in shapes:
+        raise ValueError(f"groups must have shape {' or '.join(map(str, shapes))}, got {tuple(out.shape)}")
     if bool(((out < 0) | (out >= len(GROUP_NAMES))).any()):
         raise ValueError(f"group ids must be in 0..{len(GROUP_NAMES) - 1} ({', '.join(GROUP_NAMES)})")
     return out

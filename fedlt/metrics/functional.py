@@ -153,7 +153,8 @@ def personal_summary(
     Args:
         correct: (K, C) correct counts, row k = client k on its local test set.
         total: (K, C) local test-sample counts.
-        groups: (C,) group id per class, 0 = many, 1 = medium, 2 = few.
+        groups: (C,) group id per class, 0 = many, 1 = medium, 2 = few, shared by every client, or (K, C): row k
+            holds client k's own groups (e.g. from its local test set, ``data.pm_group_source="local_test"``).
         predicted: optional (K, C) counts of client k's local test samples predicted as class c.
 
     Returns:
@@ -170,7 +171,12 @@ def personal_summary(
     if correct.dim() != 2:
         raise ValueError(f"correct and total must be 2-D (K, C), got shape {tuple(correct.shape)}")
     _check_counts(correct, total)
-    _check_groups(groups, correct.shape[-1])
+    if groups.dim() == 2:
+        if groups.shape != correct.shape:
+            raise ValueError(f"per-client groups must have shape {tuple(correct.shape)}, got {tuple(groups.shape)}")
+        _check_groups(groups.reshape(-1), groups.numel())
+    else:
+        _check_groups(groups, correct.shape[-1])
     if predicted is not None:
         _check_predicted(predicted, correct, total)
     client_acc = per_class_accuracy(correct.sum(dim=1), total.sum(dim=1))
@@ -183,9 +189,10 @@ def personal_summary(
         summary["acc_std"] = float(evaluated.std(correction=0))
         summary["acc_worst10"] = _worst_fraction_mean(evaluated)
     for gid, name in enumerate(GROUP_NAMES):
-        mask = groups == gid
-        group_acc = per_class_accuracy(correct[:, mask].sum(dim=1), total[:, mask].sum(dim=1))
-        has_samples = total[:, mask].sum(dim=1) > 0
+        mask = (groups == gid).to(correct.device).expand_as(correct)  # (K, C), the same row for shared groups
+        group_correct, group_total = (correct * mask).sum(dim=1), (total * mask).sum(dim=1)
+        group_acc = per_class_accuracy(group_correct, group_total)
+        has_samples = group_total > 0
         summary[f"acc_{name}"] = float(group_acc[has_samples].mean()) if bool(has_samples.any()) else math.nan
     summary["num_clients"] = float(evaluated.numel())
     summary.update(_personal_balancedness(correct, total, predicted))
