@@ -17,11 +17,12 @@ the previous re-trained classifier) and uploads them with the FedAvg update (all
 Server (paper Eq. 8, code ``Global.update_feature_syn``): FedAvg; then ``match_epoch`` SGD steps (lr
 ``lr_feature``) on the federated features F minimising
 
-    sum_{c owned} D(grad_W CE(W' F_c + b', c), g_c)  +  lambda * L_PCL(F, t),
+    sum_{c owned} D(grad_{(W', b')} CE(W' F_c + b', c), g_c)  +  lambda * L_PCL(F, t),
 
-CReFF's gradient-matching loss plus the prototype contrastive loss with CLIP's text features as class prototypes.
-L_PCL is the code's ``SupConLoss_text`` with temperature tau: every federated feature F_i (label y_i) is an anchor,
-the contrasts are the text features of the labels of all *other* federated features, i.e. for anchor i
+CReFF's gradient-matching loss (weight and bias gradients, the code's ``match_loss``) plus the prototype
+contrastive loss with CLIP's text features as class prototypes. L_PCL is the code's ``SupConLoss_text`` with
+temperature tau: every federated feature F_i (label y_i) is an anchor, the contrasts are the text features of the
+labels of all *other* federated features, i.e. for anchor i
 
     L_i = -[ <F_i, t_{y_i}> / tau - log sum_{j != i} exp(<F_i, t_{y_j}> / tau) ],   L_PCL = mean_i L_i,
 
@@ -31,14 +32,14 @@ without a positive, i.e. one feature per class, are skipped as in the code). The
 epochs (CReFF) and becomes the GM classifier. GM = FedAvg feature extractor + re-trained classifier; the FedAvg model
 (uploaded and trained by the clients) never receives the re-trained classifier.
 
-Hyperparameters (paper symbol, default): ``kd_weight`` (mu / ``--alpha``; 1.0 as in docs/reference.md's CLIP2FL
-protocol -- the code's argparse default is 2), ``kd_temperature`` (T, 3), ``contrast_weight`` (lambda /
-``--contrast_alpha``; 0.1 as in the README's example run -- the argparse default is 0.001),
-``contrast_temperature`` (tau / ``--ins_temp``, 0.1), ``teacher_scale`` (100, the code's fixed logit scale),
-``clip_model`` ("ViT-B-32"), ``clip_pretrained`` (True), ``clip_tag`` ("openai"), ``clip_checkpoint`` (None),
-``clip_template`` ("a photo of a {}"), plus CReFF's (``num_of_feature`` 100, ``match_epoch`` 100, ``crt_epoch``
-300, ``lr_feature`` 0.1, ``lr_net`` 0.01, ``batch_real`` 32) and the local ones (code: SGD lr 0.1, no momentum,
-E = 10, B = 32; see ``configs/method/clip2fl.yaml``).
+Hyperparameters (paper symbol, default): ``kd_weight`` (mu / ``--alpha``; 1.0, the code's argparse default and
+docs/reference.md's CLIP2FL protocol), ``kd_temperature`` (T, 3), ``contrast_weight`` (lambda /
+``--contrast_alpha``; 0.001, the value of both the code's argparse default and the README's example run, which the
+authors changed from 0.1 to 0.001), ``contrast_temperature`` (tau / ``--ins_temp``, 0.1), ``teacher_scale`` (100,
+the code's fixed logit scale), ``clip_model`` ("ViT-B-32"), ``clip_pretrained`` (True), ``clip_tag`` ("openai"),
+``clip_checkpoint`` (None), ``clip_template`` ("a photo of a {}"), plus CReFF's (``num_of_feature`` 100,
+``match_epoch`` 100, ``crt_epoch`` 300, ``lr_feature`` 0.1, ``lr_net`` 0.01, ``batch_real`` 32) and the local ones
+(code: SGD lr 0.1, no momentum, E = 10, B = 32; see ``configs/method/clip2fl.yaml``).
 
 Deviations / choices:
 - The teacher sees the student's (augmented) batch, re-normalised to CLIP's mean/std and resized by CLIP; the code
@@ -47,16 +48,17 @@ Deviations / choices:
   backbone's feature dimension d differs from CLIP's embedding dimension D, the text prototypes are mapped to d
   dimensions by a fixed seeded Gaussian random projection (Johnson-Lindenstrauss) and re-normalised
   (``text_projection="random"``; ``"error"`` refuses such a pairing).
-- CReFF's deviations (seeded server draws, un-augmented real samples, closed-form re-training) apply unchanged;
-  in particular CLIP2FL's code applies differentiable Siamese augmentation (DSA) to the real samples of the
-  client-side gradients, which fedlt's CReFF does not.
+- CReFF's choices (seeded server draws, closed-form re-training) apply unchanged, and so does CReFF's paper vs
+  code difference: CLIP2FL's code, like CReFF's, applies differentiable Siamese augmentation (DSA) to the real
+  samples of the client-side gradients (``real_augment: dsa``, in ``CLIP2FL.released_code``, inherited from
+  CReFF); the default ``none`` uses the normalised samples.
 - The teacher's logit scale is the code's fixed 100 (``teacher_scale``), not the teacher's own learned scale (equal
   for the pretrained OpenAI weights, about 14 for a random-weight teacher).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +67,7 @@ from torch import Tensor, nn
 from fedlt.engine.sharding import seeded_generator
 from fedlt.methods._clip_kd import CLIP2FL_TEMPLATE, ClipKDClient
 from fedlt.methods.base import METHODS, Reducer
-from fedlt.methods.creff import CReFF, CReFFReducer, gradient_match_distance, synthetic_class_gradients
+from fedlt.methods.creff import CReFF, CReFFReducer
 from fedlt.types import PaperRef
 
 if TYPE_CHECKING:
@@ -107,26 +109,15 @@ class CLIP2FLReducer(CReFFReducer):
         super().__init__(method, num_classes, dim)
         self.method: CLIP2FL = method
 
-    def match_features(self) -> None:
-        """``match_epoch`` SGD steps on F: gradient matching (owned classes) + ``contrast_weight`` * L_PCL."""
+    def feature_objective(self, feats: Tensor, real_w: Tensor, real_b: Tensor, owned: Tensor) -> Tensor:
+        """Gradient matching (owned classes, CReFF's) + ``contrast_weight`` * L_PCL (paper Eq. 8)."""
         m = self.method
-        real_w, _, owned = self.real_gradients()
-        if not bool(owned.any()) or m.match_epoch == 0:
-            return
-        protos = m.text_prototypes.to(self.features.device)
-        feats = self.features.clone().requires_grad_(True)
-        opt = torch.optim.SGD([feats], lr=m.lr_feature)
-        for _ in range(m.match_epoch):
-            syn = synthetic_class_gradients(feats, self.head_w, self.head_b, self.num_classes)
-            match = torch.stack([gradient_match_distance(syn[c], real_w[c]) for c in range(self.num_classes)])
-            loss = match[owned].sum()
-            if m.contrast_weight:
-                loss = loss + m.contrast_weight * prototype_contrastive_loss(feats, self.labels, protos,
-                                                                             m.contrast_temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        self.features = feats.detach()
+        loss = self.matching_loss(feats, real_w, real_b, owned)
+        if m.contrast_weight:
+            protos = m.text_prototypes.to(feats.device)
+            loss = loss + m.contrast_weight * prototype_contrastive_loss(feats, self.labels, protos,
+                                                                         m.contrast_temperature)
+        return loss
 
 
 @METHODS.register("clip2fl")
@@ -146,7 +137,8 @@ class CLIP2FL(ClipKDClient, CReFF):
         clip_template: the teacher's prompt template (one ``{}``).
         text_projection: ``random`` (project CLIP text features to the backbone's feature dimension when they
             differ) or ``error``.
-        **kwargs: CReFF's arguments (federated features, re-training) and the local-training ones.
+        **kwargs: CReFF's arguments (federated features, re-training, ``real_augment``, ``dsa_strategy``,
+            ``match_bias``) and the local-training ones.
     """
 
     paper = PaperRef(
@@ -154,8 +146,10 @@ class CLIP2FL(ClipKDClient, CReFF):
         venue="AAAI 2024",
         arxiv="2312.08648",
     )
+    # CReFF's difference, which CLIP2FL's code shares (DSA on the real samples).
+    released_code: ClassVar[dict[str, Any]] = {"real_augment": "dsa"}
 
-    def __init__(self, kd_weight: float = 1.0, kd_temperature: float = 3.0, contrast_weight: float = 0.1,
+    def __init__(self, kd_weight: float = 1.0, kd_temperature: float = 3.0, contrast_weight: float = 0.001,
                  contrast_temperature: float = 0.1, teacher_scale: float = 100.0, clip_model: str = "ViT-B-32",
                  clip_pretrained: bool = True, clip_tag: str | None = "openai", clip_checkpoint: str | None = None,
                  clip_template: str = CLIP2FL_TEMPLATE, text_projection: str = "random", **kwargs: Any) -> None:

@@ -270,6 +270,33 @@ def test_clip2fl_reduces_to_creff_without_kd_and_contrast_and_the_contrast_chang
         torch.testing.assert_close(contrast.method.predict_global(x), expected)
 
 
+def test_clip2fl_feature_objective_is_matching_with_the_bias_row_plus_the_weighted_contrast():
+    """Paper Eq. 8 / code ``update_feature_syn``: per owned class the official ``match_loss`` (weight rows + the
+    bias gradient as one row) plus ``contrast_weight`` (default 0.001, the code's ``--contrast_alpha``) x L_PCL."""
+    sim = tiny_sim(CLIP2FL(**CREFF_SMALL, **TEACHER), rounds=1)
+    m, red = sim.method, sim.reducer
+    assert m.contrast_weight == 0.001
+    c, d = red.num_classes, red.dim
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(c * m.num_of_feature, d, generator=gen)
+    real_w, real_b = torch.randn(c, c, d, generator=gen), torch.randn(c, c, generator=gen)
+    owned = torch.arange(c) % 3 != 0
+    ref = 0.0
+    for k in range(c):
+        if not owned[k]:
+            continue
+        f = feats[k * m.num_of_feature:(k + 1) * m.num_of_feature].clone().requires_grad_(True)
+        w, b = red.head_w.clone().requires_grad_(True), red.head_b.clone().requires_grad_(True)
+        ce = F.cross_entropy(F.linear(f, w, b), torch.full((m.num_of_feature,), k))
+        gw, gb = torch.autograd.grad(ce, (w, b))
+        for syn, real in ((gw, real_w[k]), (gb.view(1, -1), real_b[k].view(1, -1))):
+            cos = (syn * real).sum(-1) / (syn.norm(dim=-1) * real.norm(dim=-1) + 1e-6)
+            ref += (1 - cos).sum().item()
+    protos = m.text_prototypes
+    ref += 0.001 * prototype_contrastive_loss(feats, red.labels, protos, m.contrast_temperature).item()
+    assert red.feature_objective(feats, real_w, real_b, owned).item() == pytest.approx(ref, rel=1e-5)
+
+
 def test_clip2fl_kd_changes_training_and_the_teacher_stays_out_of_every_state():
     creff = tiny_sim(CReFF(lr=0.05, batch_size=16, **CREFF_SMALL), rounds=1)
     sim = tiny_sim(CLIP2FL(lr=0.05, batch_size=16, **CREFF_SMALL, **TEACHER), rounds=1)
