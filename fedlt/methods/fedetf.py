@@ -22,18 +22,25 @@ Hyperparameters (official code defaults): ``proj_dim`` d' (default C, as for the
 ``beta_init`` (initial temperature, 1.0), ``adapt_epochs`` (default: ``local_epochs`` E), ``personal_rounds``
 (20), ``personal_epochs`` (3), ``etf_lr`` (0.1), ``proj_lr`` (0.05), plus FedAvg's; ``loss`` defaults to the
 balanced softmax.
-Deviations: the official code clamps missing-class counts to 1 in the balanced loss; fedlt's balanced softmax
-clamps them to 1e-8 (a missing class drops out of the calibrated softmax; see fedlt.losses). The ETF's U comes
-from a generator seeded by the data seed instead of numpy's global RNG. Local adaptation runs at every
-evaluation (the paper runs it once after training). Stage 2 uses cached frozen-body features: the official code
-re-runs the frozen body on augmented batches in train mode (batch BatchNorm statistics, running statistics still
-updated), which changes the inputs of the same optimisation problem only by augmentation and BatchNorm noise and
-costs a full forward pass per step (2 x 20 x 3 epochs per client).
+Paper vs released code (``FedETF.released_code``; docs/paper_vs_code.md): ``absent_class_count`` is the count
+that a class absent from the client's training split gets in the balanced loss (and in any ``loss`` given, which
+receives the counts): 1e-8 by default (fedlt.losses' clamp, the limit n_c -> 0 of the balanced loss: a missing
+class drops out of the calibrated softmax) vs 1 in the official code (a missing class is treated like a class
+with one sample and its logit keeps being pushed down). It applies to local training and to the balanced-loss
+stage 1 of the local adaptation.
+Deviations: the ETF's U comes from a generator seeded by the data seed instead of numpy's global RNG, and from the
+QR of a Gaussian draw where the official code takes that of a U[0, 1) draw (:func:`etf_basis` has both; FedLoGe
+exposes the choice as ``etf_basis``). Local adaptation runs at every evaluation (the paper runs it once after
+training). Stage 2 uses cached frozen-body features: the official code re-runs the frozen body on augmented
+batches in train mode (batch BatchNorm statistics, running statistics still updated), which changes the inputs
+of the same optimisation problem only by augmentation and BatchNorm noise and costs a full forward pass per step
+(2 x 20 x 3 epochs per client).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,28 +48,41 @@ from torch import Tensor, nn
 
 from fedlt.engine.local_loop import LocalTrainer
 from fedlt.engine.sharding import seeded_generator
-from fedlt.losses import BalancedSoftmax, Loss
+from fedlt.losses import COUNT_EPS, BalancedSoftmax, Loss
 from fedlt.methods._finetune import FrozenKeysReducer, client_counts, client_features, finetune, trainable_only
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
-from fedlt.types import PaperRef
+from fedlt.types import ClientContext, PaperRef, StepOutput
 
 _ETF_KEY = "head.etf"
 
 
-def simplex_etf(num_classes: int, dim: int, generator: torch.Generator) -> Tensor:
+ETF_BASES = ("gaussian", "uniform")
+
+
+def etf_basis(num_classes: int, dim: int, generator: torch.Generator, basis: str = "gaussian") -> Tensor:
+    """U (dim x C, float64) with orthonormal columns: the Q factor of the reduced QR decomposition of a random
+    matrix drawn from ``generator``, Gaussian (``"gaussian"``) or uniform on [0, 1) (``"uniform"``)."""
+    if basis not in ETF_BASES:
+        raise ValueError(f"the ETF basis must be one of {list(ETF_BASES)}, got {basis!r}")
+    draw = torch.randn if basis == "gaussian" else torch.rand
+    u, _ = torch.linalg.qr(draw(dim, num_classes, generator=generator, dtype=torch.float64))
+    return u
+
+
+def simplex_etf(num_classes: int, dim: int, generator: torch.Generator, basis: str = "gaussian") -> Tensor:
     """The simplex ETF M = sqrt(C/(C-1)) U (I - 11^T/C) of shape (dim, C).
 
-    U (dim x C) has orthonormal columns, from the QR decomposition of a Gaussian matrix drawn from ``generator``.
-    The columns of M have unit norm and pairwise inner products -1/(C-1).
+    U (dim x C) has orthonormal columns, from the QR decomposition of a random matrix drawn from ``generator``
+    (:func:`etf_basis`; ``basis`` ``"gaussian"`` or ``"uniform"`` on [0, 1)). The columns of M have unit norm and
+    pairwise inner products -1/(C-1).
 
     Raises:
-        ValueError: when ``num_classes < 2`` or ``dim < num_classes``.
+        ValueError: when ``num_classes < 2``, ``dim < num_classes`` or ``basis`` is unknown.
     """
     if num_classes < 2 or dim < num_classes:
         raise ValueError(f"a simplex ETF needs C >= 2 and dim >= C, got C={num_classes}, dim={dim}")
-    gauss = torch.randn(dim, num_classes, generator=generator, dtype=torch.float64)
-    u, _ = torch.linalg.qr(gauss)  # reduced QR: (dim, C) with orthonormal columns
+    u = etf_basis(num_classes, dim, generator, basis)
     centred = torch.eye(num_classes, dtype=torch.float64) - 1.0 / num_classes
     return (math.sqrt(num_classes / (num_classes - 1)) * u @ centred).float()
 
@@ -108,6 +128,8 @@ class FedETF(FedAvg):
         etf_lr: learning rate of the ETF fine-tuning (plain SGD).
         proj_lr: learning rate of the projection fine-tuning (SGD with the local momentum and weight decay).
         loss: the federated training loss (default: balanced softmax on the local label histogram).
+        absent_class_count: the count given to the loss for a class the client does not hold (>= 1e-8): 1e-8
+            (default; the class drops out of the calibrated softmax) or 1.0 (the official code).
         **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
@@ -117,13 +139,19 @@ class FedETF(FedAvg):
         venue="ICCV 2023",
         arxiv="2303.10058",
     )
+    # The official code's values (github ZexiLee/ICCV-2023-FedETF, nodes.py: absent-class counts set to 1).
+    released_code: ClassVar[dict[str, Any]] = {"absent_class_count": 1.0}
 
     def __init__(self, proj_dim: int | None = None, beta_init: float = 1.0, adapt_epochs: int | None = None,
                  personal_rounds: int = 20, personal_epochs: int = 3, etf_lr: float = 0.1, proj_lr: float = 0.05,
-                 loss: Loss | None = None, **kwargs) -> None:
+                 loss: Loss | None = None, absent_class_count: float = COUNT_EPS, **kwargs) -> None:
         super().__init__(loss=loss if loss is not None else BalancedSoftmax(), **kwargs)
         if min(personal_rounds, personal_epochs, adapt_epochs or 0) < 0 or etf_lr <= 0 or proj_lr <= 0:
             raise ValueError("FedETF needs epochs/rounds >= 0 and learning rates > 0")
+        if (isinstance(absent_class_count, bool) or not isinstance(absent_class_count, (int, float))
+                or not math.isfinite(absent_class_count) or absent_class_count < COUNT_EPS):
+            raise ValueError(f"absent_class_count must be a finite number >= {COUNT_EPS}, got {absent_class_count!r}")
+        self.absent_class_count = float(absent_class_count)
         self.proj_dim = proj_dim
         self.beta_init = beta_init
         self.adapt_epochs = self.local_epochs if adapt_epochs is None else adapt_epochs
@@ -140,6 +168,16 @@ class FedETF(FedAvg):
                        seeded_generator(self.run.seed, "fedetf"))
         model.head = head.to(device)  # the FedModel contract: the classifier keeps the name ``head``
 
+    def loss_counts(self, counts: Tensor) -> Tensor:
+        """The class counts given to the loss: ``absent_class_count`` where a count is 0."""
+        return torch.where(counts > 0, counts, torch.full_like(counts, self.absent_class_count))
+
+    def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
+        """The loss (default balanced softmax) with the local histogram, absent classes at ``absent_class_count``."""
+        x, y = batch[0], batch[1]
+        loss = self.loss(self.model(x), y, self.loss_counts(ctx.class_counts), ctx.round)
+        return StepOutput(loss=loss, parts={"loss": loss.detach()})
+
     @property
     def personalizes(self) -> bool:
         return self.adapt_epochs > 0 or (self.personal_rounds > 0 and self.personal_epochs > 0)
@@ -151,7 +189,7 @@ class FedETF(FedAvg):
         """The paper's local adaptation (module docstring); the workspace is reloaded afterwards."""
         gen = seeded_generator(self.run.seed, "fedetf-personal", client_id)
         if self.adapt_epochs > 0:
-            counts = client_counts(self, client_id)
+            counts = self.loss_counts(client_counts(self, client_id))
             with trainable_only(self.model, [p for p in self.model.parameters() if p.requires_grad]) as params:
                 finetune(self, client_id, params, lambda x, y: self.loss(self.model(x), y, counts),
                          self.adapt_epochs, self.lr, gen, self.momentum, self.weight_decay)

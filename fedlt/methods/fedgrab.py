@@ -29,39 +29,74 @@ magnitudes |sigmoid(z) - y| w / n are added to pos/neg. Aggregation: FedAvg.
 Hyperparameters (paper symbol, default): ``kp`` (K_P, 10), ``ki`` (K_I, 0.01), ``kd`` (K_D, 0.1) — the gains of
 the authors' released code; ``max_out`` (100, PID output limit), ``weight_max`` (10) and ``map_slope`` (0.5) of
 the mapping f; ``tail_threshold`` (1.0) and ``norm_power`` (1.0) of the DPA; ``persist_state`` (True);
-``error`` (normalized), plus FedAvg's.
+``error`` (normalized); the released-code switches ``train_classifier`` (True), ``aggregation_weights``
+(matched), ``tail_selection`` (all) and ``dpa`` (True), see below; plus FedAvg's.
 
 Deviations / reconstructed choices:
 - DPA: the L2-norm-of-classifier-rows prior and the "below uniform" tail rule (``tail_threshold`` / C) are our
-  reconstruction of the paper's description; the released code opens the controllers of every class.
+  reconstruction of the paper's description. The released code has no DPA (``dpa=False`` below).
 - Error normalisation: the raw accumulated difference pos_c - neg_c grows with every step (it is a sum over all
   past batches), so with K_P = 10 the controller saturates within a few steps and the negative-gradient weight of
   every open class falls to ~0.01, which collapsed the global model to one class on embedded digits-LT (GM 10 %).
-  The default divides by pos_c + neg_c, a scale-free error in [-1, 1]; ``error="raw"`` keeps the unnormalised one.
+  The default divides by pos_c + neg_c, a scale-free error in [-1, 1]; ``error="raw"`` keeps the unnormalised one
+  (the released code's measured value).
 - Controller state (pos/neg accumulators, PID output and last three errors) persists per client across rounds, as
   in the released code (one balancer object per client, never reset); it lives in ``ctx.state``. Set
   ``persist_state=False`` for a fresh controller every round.
 - The released code re-weights the logit gradient with a backward hook on an unweighted BCE; here the loss is
   sum_ic w_ic BCE_ic / n with detached weights, which has exactly the same gradient (the logged loss value is the
   weighted one). Its output limiter is a no-op (a Python assignment to a local); we clamp u to +-``max_out``.
+
+Paper vs released code (github ZackZikaiXiao/FedGraB: ``fed_grab.py``, ``util/losses.py`` ``PIDLOSS``,
+``util/update_baseline.py`` ``update_weights_pid``, ``util/fedavg.py``). ``FedGraB.released_code`` holds the
+code's values of these five arguments; the defaults follow the paper (docs/paper_vs_code.md):
+- ``train_classifier``: the code's local optimizer holds only the backbone's parameters, so the linear classifier
+  never trains (after the first round every client starts from the same, never-updated classifier).
+  ``train_classifier=False`` freezes ``model.head`` (no gradient; its global value is kept bit for bit); the body
+  still receives the gradient through the frozen head. With the DPA on, a frozen classifier makes the prior, and
+  so the tail set, the constant one of the initial head. (Not reproduced: in the code's first round every client
+  holds its own randomly initialised classifier, and the global one is their average; here they all start from
+  the broadcast global head.)
+- ``aggregation_weights``: the code trains every client in client-id order but takes the sample counts in the
+  order of the round's randomly drawn client list (``np.random.choice`` without replacement over all clients),
+  so the model of the i-th client is weighted by the sample count of another, randomly chosen client.
+  ``aggregation_weights="permuted"`` weights the i-th client of the cohort (client-id order) by the sample count
+  of cohort[pi(i)], pi = ``torch.randperm`` from a generator seeded by (seed, round): the same on every rank
+  (:func:`permuted_cohort_weights`). The total weight is unchanged.
+- ``tail_selection``: in the code's gradient hook, the tail classes are visited in index order and each is
+  *skipped* -- its gradient left at weight 1 and left out of this batch's pos/neg accumulation -- with probability
+  0.1^(s / (T - 1)), s = the number of tail classes skipped so far in this batch and T = the number of tail
+  classes; the first tail class (class 0 when every class is tail) has probability 1 and so is never
+  re-weighted. ``tail_selection="random_per_batch"`` draws this with a generator seeded by (seed, round, client)
+  (:func:`released_tail_skips`), separate from the client's training generator.
+- ``dpa``: the code estimates no prior: every client's balancer opens the controllers of all C classes once, at
+  the start. ``dpa=False`` broadcasts an all-ones tail mask (every controller open) and no prior.
+- ``error``: the code's controller error is the raw accumulated difference (``error="raw"``); the default
+  ``normalized`` is fedlt's scale-free error (see "Deviations" above), not the paper's.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedlt.engine.sharding import sample_cohort, seeded_generator
+from fedlt.methods._finetune import FrozenKeysReducer
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
-from fedlt.types import ClientContext, PaperRef, StepOutput
+from fedlt.types import ClientContext, ClientUpdate, PaperRef, StepOutput
 
 if TYPE_CHECKING:
     from fedlt.engine.local_loop import LocalTrainer
 
 _HEAD_WEIGHT = "head.weight"
+_HEAD = "head."
+_TAIL_TAG = "fedgrab/tail_selection"  # generator of the released code's per-batch skip draws
+_PERM_TAG = "fedgrab/aggregation_weights"  # generator of the released code's permuted FedAvg weights
 _ACC = "sgb_acc"  # (2, C): accumulated |positive| and |negative| logit gradients per class
 _PID = "sgb_pid"  # (4, C): PID output u, errors e_t, e_{t-1}, e_{t-2}
 
@@ -154,15 +189,72 @@ def sgb_loss(logits: Tensor, targets: Tensor, pos_w: Tensor, neg_w: Tensor) -> t
     return loss, grads
 
 
-class FedGraBReducer(Reducer):
-    """FedAvg aggregation; the DPA prior and tail mask of the global classifier are broadcast every round."""
+def released_tail_skips(open_mask: Tensor, generator: torch.Generator, skip_base: float = 0.1) -> Tensor:
+    """The released code's per-batch draw of the tail classes whose gradient is *not* re-weighted.
+
+    The tail (open) classes are visited in index order; the j-th of them is skipped with probability
+    ``skip_base ** (s / (T - 1))``, s = the number of tail classes skipped so far in this batch, T = the number of
+    tail classes (probability 1 when T = 1). The first tail class therefore is always skipped and consumes no draw;
+    every later one consumes one uniform number: the T - 1 numbers are drawn at once, ``torch.rand(T - 1)`` from
+    ``generator``, and tail class j >= 1 is skipped when its number is below its probability.
+
+    Args:
+        open_mask: (C,) 1 for the tail classes (open controllers).
+        generator: CPU generator of the draws.
+        skip_base: the probability of a skip once every other tail class was skipped (0.1 in the code).
+
+    Returns:
+        (C,) bool mask on ``open_mask``'s device: True = left at weight 1 and not accumulated in this batch.
+    """
+    tail = [int(c) for c in torch.nonzero(open_mask.detach().cpu() > 0).flatten()]
+    skip = torch.zeros(open_mask.numel(), dtype=torch.bool)
+    if not tail:
+        return skip.to(open_mask.device)
+    draws = torch.rand(len(tail) - 1, generator=generator, dtype=torch.float64).tolist()
+    skipped = 0
+    for j, c in enumerate(tail):
+        p = skip_base ** (skipped / (len(tail) - 1)) if len(tail) > 1 else 1.0
+        if j == 0 or draws[j - 1] < p:  # j == 0: skipped == 0, p == 1
+            skip[c] = True
+            skipped += 1
+    return skip.to(open_mask.device)
+
+
+def permuted_cohort_weights(seed: int, round: int, cohort: list[int], sizes: list[int]) -> dict[int, float]:
+    """The released code's FedAvg weights: client ``sorted(cohort)[i]`` gets the sample count of
+    ``sorted(cohort)[pi[i]]``, pi = ``torch.randperm(len(cohort))`` from a generator seeded by (seed, round).
+
+    Args:
+        seed: the experiment seed (``FedMethod.run.seed``).
+        round: 1-based round.
+        cohort: the round's client ids.
+        sizes: training-set sizes indexed by client id.
+
+    Returns:
+        client id -> aggregation weight (a permutation of the cohort's sample counts).
+    """
+    ids = sorted(int(c) for c in cohort)
+    perm = torch.randperm(len(ids), generator=seeded_generator(seed, _PERM_TAG, round)).tolist()
+    return {cid: float(sizes[ids[j]]) for cid, j in zip(ids, perm)}
+
+
+class FedGraBReducer(FrozenKeysReducer):
+    """FedAvg aggregation; the DPA prior and tail mask of the global classifier are broadcast every round.
+
+    With ``train_classifier=False`` the global classifier (``head.*``) is held bit for bit; with ``dpa=False``
+    the broadcast holds only an all-ones tail mask (every controller open, no prior).
+    """
 
     def __init__(self, method: FedGraB) -> None:
-        super().__init__()
+        frozen = not method.train_classifier
+        super().__init__(lambda key: frozen and key.startswith(_HEAD))
         self.method = method
 
     def broadcast_extras(self, round: int) -> dict[str, Tensor]:
-        prior = dpa_prior(self.global_state[_HEAD_WEIGHT], self.method.norm_power)
+        weight = self.global_state[_HEAD_WEIGHT]
+        if not self.method.dpa:
+            return {"tail_mask": torch.ones(weight.shape[0], device=weight.device)}
+        prior = dpa_prior(weight, self.method.norm_power)
         return {"prior": prior, "tail_mask": dpa_tail_mask(prior, self.method.tail_threshold)}
 
 
@@ -181,6 +273,21 @@ class FedGraB(FedAvg):
         norm_power: exponent r on the classifier row norms in the DPA prior.
         persist_state: keep each client's controller state across rounds (released code) instead of resetting it.
         error: ``normalized`` ((pos - neg) / (pos + neg), default) or ``raw`` (pos - neg) measured value.
+        train_classifier: train the linear classifier ``model.head`` with the body (paper, default). ``False``
+            (released code: its optimizer holds only the backbone) freezes it: no gradient reaches its weights,
+            the body still trains through it, and the global classifier stays bit-identical. The DPA prior (and
+            so the tail set) is then the constant one of the initial classifier.
+        aggregation_weights: ``matched`` (default): each client's model is weighted by its own sample count.
+            ``permuted`` (released code): the i-th cohort client (client-id order) is weighted by the sample count
+            of cohort client pi(i), pi a random permutation seeded by (seed, round)
+            (:func:`permuted_cohort_weights`); the cohort is then drawn by the engine's uniform sampler
+            (:func:`fedlt.engine.sharding.sample_cohort`, which replaces a ``Simulator(cohort_sampler=...)``).
+        tail_selection: ``all`` (default): every tail class is re-weighted at every step. ``random_per_batch``
+            (released code): per batch, tail classes are skipped (weight 1, no accumulation) by the code's
+            sequential draw (:func:`released_tail_skips`; the first tail class is always skipped), from a
+            generator seeded by (seed, round, client).
+        dpa: estimate the prior with the DPA and open only the tail controllers (default). ``False`` (released
+            code): no prior, every class's controller is open.
         **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
@@ -189,13 +296,36 @@ class FedGraB(FedAvg):
         venue="NeurIPS 2023",
         arxiv="2310.07587",
     )
+    # The official code's behaviour (github ZackZikaiXiao/FedGraB, fed_grab.py and util/losses.py).
+    released_code: ClassVar[dict[str, Any]] = {
+        "train_classifier": False,
+        "aggregation_weights": "permuted",
+        "tail_selection": "random_per_batch",
+        "dpa": False,
+        "error": "raw",
+    }
 
     def __init__(self, kp: float = 10.0, ki: float = 0.01, kd: float = 0.1, max_out: float = 100.0,
                  weight_max: float = 10.0, map_slope: float = 0.5, tail_threshold: float = 1.0,
-                 norm_power: float = 1.0, persist_state: bool = True, error: str = "normalized", **kwargs) -> None:
+                 norm_power: float = 1.0, persist_state: bool = True, error: str = "normalized",
+                 train_classifier: bool = True, aggregation_weights: str = "matched", tail_selection: str = "all",
+                 dpa: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         if error not in ("normalized", "raw"):
             raise ValueError(f"error must be 'normalized' or 'raw', got {error!r}")
+        if aggregation_weights not in ("matched", "permuted"):
+            raise ValueError(f"aggregation_weights must be 'matched' or 'permuted', got {aggregation_weights!r}")
+        if tail_selection not in ("all", "random_per_batch"):
+            raise ValueError(f"tail_selection must be 'all' or 'random_per_batch', got {tail_selection!r}")
+        for name, flag in (("train_classifier", train_classifier), ("dpa", dpa)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        self.train_classifier = train_classifier
+        self.aggregation_weights = aggregation_weights
+        self.tail_selection = tail_selection
+        self.dpa = dpa
+        self._cohort: tuple[int, list[int]] | None = None  # (round, cohort) of the latest sampled round
+        self._weights: tuple[int, dict[int, float]] | None = None
         self.error = error
         if weight_max <= 1.0 or max_out <= 0:
             raise ValueError(f"weight_max must be > 1 and max_out > 0, got {weight_max}, {max_out}")
@@ -212,9 +342,39 @@ class FedGraB(FedAvg):
         weight = getattr(getattr(model, "head", None), "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError("Fed-GraB's DPA needs a linear head with a (C, d) weight at model.head.weight")
+        if not self.train_classifier:
+            # The released code's optimizer never holds the classifier: no gradient reaches it (the body still
+            # gets its gradient through it), and configure_optimizers only takes parameters that require one.
+            for p in model.head.parameters():
+                p.requires_grad_(False)
 
     def configure_reducer(self) -> Reducer:
         return FedGraBReducer(self)
+
+    def cohort_sampler(self) -> Callable[[int, int, int, int], list[int]] | None:
+        """With ``aggregation_weights="permuted"``: the engine's uniform sampler, remembering the round's cohort
+        (the permuted weights pair it with the sample counts); otherwise the engine's own sampler."""
+        if self.aggregation_weights != "permuted":
+            return None
+
+        def sampler(seed: int, round: int, num_clients: int, clients_per_round: int) -> list[int]:
+            cohort = sample_cohort(seed, round, num_clients, clients_per_round)
+            self._cohort = (round, sorted(int(c) for c in cohort))
+            return cohort
+
+        return sampler
+
+    def aggregation_weight(self, ctx: ClientContext) -> float:
+        """The client's FedAvg weight: its sample count, or (``permuted``) the released code's permuted one."""
+        if self.aggregation_weights == "matched":
+            return float(ctx.num_samples)
+        if self._weights is None or self._weights[0] != ctx.round:
+            if self._cohort is None or self._cohort[0] != ctx.round:
+                raise RuntimeError(f"FedGraB(aggregation_weights='permuted'): no cohort was sampled for round "
+                                   f"{ctx.round} (the permuted weights need the round's cohort_sampler call)")
+            sizes = [int(i.numel()) for i in self.data.client_indices]
+            self._weights = (ctx.round, permuted_cohort_weights(self.run.seed, ctx.round, self._cohort[1], sizes))
+        return self._weights[1][ctx.client_id]
 
     def client_state_template(self) -> dict[str, Tensor]:
         c = self.num_classes
@@ -226,6 +386,8 @@ class FedGraB(FedAvg):
             keep = self.persist_state and key in ctx.state
             ctx.state[key] = (ctx.state[key] if keep else zeros).to(ctx.device, torch.float32).clone()
         self.open_mask = ctx.message.extras["tail_mask"].to(ctx.device, torch.float32)
+        if self.tail_selection == "random_per_batch":
+            self._tail_generator = seeded_generator(self.run.seed, _TAIL_TAG, ctx.round, ctx.client_id)
 
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         x, y = batch[0], batch[1]
@@ -233,6 +395,13 @@ class FedGraB(FedAvg):
         gains = (self.kp, self.ki, self.kd)
         pid.copy_(pid_delta_step(pid, sgb_measure(acc, self.error), self.open_mask, gains, self.max_out))
         pos_w, neg_w = sgb_weights(pid[0], self.open_mask, self.weight_max, self.map_slope)
+        skip = None
+        if self.tail_selection == "random_per_batch":
+            skip = released_tail_skips(self.open_mask, self._tail_generator)
+            pos_w, neg_w = pos_w.masked_fill(skip, 1.0), neg_w.masked_fill(skip, 1.0)
         loss, grads = sgb_loss(self.model(x), y, pos_w, neg_w)
-        acc.add_(grads)
+        acc.add_(grads if skip is None else grads.masked_fill(skip, 0.0))
         return StepOutput(loss=loss, parts={"loss": loss.detach()})
+
+    def on_client_end(self, ctx: ClientContext) -> ClientUpdate:
+        return ClientUpdate(client_id=ctx.client_id, weight=self.aggregation_weight(ctx), tensors=self.shared_tensors)

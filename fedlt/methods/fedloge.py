@@ -12,7 +12,8 @@ Model: backbone f_theta (features h in R^d) and three linear classifiers on h:
 - the **local head** phi_k = ``l_head`` (weight and bias), trained on detached features, kept per client in the
   ClientStateStore, never uploaded.
 
-SSE-C construction (server, once): orthonormal P (d x C, QR of a Gaussian), dense simplex ETF
+SSE-C construction (server, once): orthonormal P (d x C, QR of a random d x C matrix: Gaussian by default,
+uniform on [0, 1) with ``etf_basis="uniform"`` as in the official code), dense simplex ETF
 M = sqrt(C/(C-1)) P (I - 11^T/C); a uniformly random ``floor(beta d C)`` of ALL entries of M are zeroed (global
 mask S); the non-zero entries are then optimised with Adam (``sse_lr`` 1e-4, ``sse_steps`` 10,000, full batch) on
 L = sum_c (||w_c|| - gamma)^2 - (1/C) sum_c arccos(max_{j != c} <w_c/||w_c||, w_j/||w_j||>) (argument clamped to
@@ -44,6 +45,11 @@ last evaluated round equals the paper's post-training numbers; ``post_training``
 like the code (GM = SSE-C, PM = unrealigned sum) and one extra evaluation after training applies the realignment;
 it is stored under ``post_training`` in final.json). Local training (code): lr 0.03, momentum 0.5, batch 8, E 5.
 
+Released code (``FedLoGe.released_code``; docs/paper_vs_code.md; the ``configs/paper/fedloge_*.yaml`` files set
+it): ``etf_basis="uniform"``: the paper's P is a random orthogonal matrix; the code takes the Q factor of a
+U[0, 1) matrix (numpy's ``random.random``), fedlt's default that of a Gaussian one. Both give an orthonormal P and
+a simplex ETF; the uniform draw has a non-zero mean, so the first column of its P has all entries of one sign.
+
 Deviations / reconstructed choices: the ``loss`` argument applies to L_theta only (cross-entropy by default, as in
 the paper); the auxiliary and local heads always use cross-entropy. Every client's local head starts from the same
 initial draw (the code initialises the K heads independently); the heads are independent of psi's initialisation.
@@ -53,7 +59,7 @@ The backbone's unused linear classifier and projection of the code's ResNets do 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +69,7 @@ from fedlt.engine.sharding import seeded_generator
 from fedlt.methods._finetune import FrozenKeysReducer, client_features, finetune, trainable_only
 from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
-from fedlt.methods.fedetf import simplex_etf
+from fedlt.methods.fedetf import ETF_BASES, simplex_etf
 from fedlt.types import ClientContext, PaperRef, StepOutput
 
 if TYPE_CHECKING:
@@ -78,6 +84,7 @@ _CHOICES = {
     "gm_head": ("ga_fr", "sse", "aux"),
     "pm_head": ("la_fr", "unrealigned"),
     "realign": ("every_eval", "post_training"),
+    "etf_basis": ETF_BASES,
 }
 
 
@@ -102,7 +109,7 @@ def sse_loss(w: Tensor, gamma: float) -> Tensor:
 
 def build_sse_c(dim: int, num_classes: int, beta: float = 0.6, gamma: float = 1.0, steps: int = 10_000,
                 lr: float = 1e-4, generator: torch.Generator | None = None,
-                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+                device: torch.device | str = "cpu", basis: str = "gaussian") -> tuple[Tensor, Tensor]:
     """The sparse simplex-ETF classifier (docs/reference.md 2.2).
 
     Args:
@@ -114,6 +121,7 @@ def build_sse_c(dim: int, num_classes: int, beta: float = 0.6, gamma: float = 1.
         lr: Adam learning rate.
         generator: CPU generator for the ETF basis and the mask.
         device: where the optimisation runs.
+        basis: the random matrix whose QR gives P: ``"gaussian"`` or ``"uniform"`` (U[0, 1), the official code).
 
     Returns:
         (W (dim x C) after optimisation, mask S (dim x C)); W is exactly zero where S is zero.
@@ -121,7 +129,7 @@ def build_sse_c(dim: int, num_classes: int, beta: float = 0.6, gamma: float = 1.
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"SSE-C sparsity beta must be in [0, 1), got {beta}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    dense = simplex_etf(num_classes, dim, gen)
+    dense = simplex_etf(num_classes, dim, gen, basis)
     mask = sparsity_mask(dim, num_classes, beta, gen)
     w = (dense * mask).to(device).requires_grad_(True)
     mask = mask.to(device)
@@ -175,6 +183,8 @@ class FedLoGe(FedAvg):
         gm_head: GM classifier: ``ga_fr``, ``sse`` (universal model) or ``aux`` (psi, no realignment).
         pm_head: PM classifier: ``la_fr`` or ``unrealigned`` (psi h + phi_k h).
         realign: ``every_eval`` or ``post_training`` (see the module docstring).
+        etf_basis: the random matrix whose QR gives the SSE-C's orthonormal P: ``gaussian`` (paper) or
+            ``uniform`` (U[0, 1), the official code).
         loss: the backbone's loss on the SSE-C logits (default cross-entropy).
         **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
@@ -186,14 +196,17 @@ class FedLoGe(FedAvg):
     )
     automatic_optimization = False
     personal_prefixes = (_LOCAL,)
+    # The official code's values (github ZackZikaiXiao/FedLoGe, util/etf_methods.py).
+    released_code: ClassVar[dict[str, Any]] = {"etf_basis": "uniform"}
 
     def __init__(self, beta: float = 0.6, gamma: float = 1.0, sse_steps: int = 10_000, sse_lr: float = 1e-4,
                  sse_bias: str = "none", ga_fr_scale: float = 1.0, la_fr_source: str = "raw_psi",
                  pm_logits: str = "local_plus_realigned", la_fr_finetune_epochs: int = 0, gm_head: str = "ga_fr",
-                 pm_head: str = "la_fr", realign: str = "every_eval", **kwargs) -> None:
+                 pm_head: str = "la_fr", realign: str = "every_eval", etf_basis: str = "gaussian",
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         chosen = {"sse_bias": sse_bias, "la_fr_source": la_fr_source, "pm_logits": pm_logits, "gm_head": gm_head,
-                  "pm_head": pm_head, "realign": realign}
+                  "pm_head": pm_head, "realign": realign, "etf_basis": etf_basis}
         for name, value in chosen.items():
             if value not in _CHOICES[name]:
                 raise ValueError(f"{name} must be one of {list(_CHOICES[name])}, got {value!r}")
@@ -205,6 +218,7 @@ class FedLoGe(FedAvg):
         self.sse_bias, self.ga_fr_scale, self.la_fr_source = sse_bias, ga_fr_scale, la_fr_source
         self.pm_logits, self.la_fr_finetune_epochs = pm_logits, la_fr_finetune_epochs
         self.gm_head, self.pm_head, self.realign = gm_head, pm_head, realign
+        self.etf_basis = etf_basis
         self.realigned = realign == "every_eval"
         self._pm_cache: tuple[int, Tensor, Tensor] | None = None
 
@@ -218,7 +232,7 @@ class FedLoGe(FedAvg):
         if d < c:
             raise ValueError(f"FedLoGe's SSE-C needs feature dimension d >= C, got d={d}, C={c}")
         gen = seeded_generator(self.run.seed, "fedloge-sse-c")
-        w, _ = build_sse_c(d, c, self.beta, self.gamma, self.sse_steps, self.sse_lr, gen, device)
+        w, _ = build_sse_c(d, c, self.beta, self.gamma, self.sse_steps, self.sse_lr, gen, device, self.etf_basis)
         bias = None
         if self.sse_bias == "random_frozen":
             bound = 1.0 / math.sqrt(d)

@@ -22,10 +22,26 @@ Client (round t; stateless):
    g_bal = (|L^bal| g_real + (C - |L^bal|) proto) / C (g_real alone when no missing class has a prototype, proto
    alone when L^bal is empty). Norm matching (Eq. 13): g^ = g_bal ||g_W^loc|| / ||g_bal|| with the unclipped local
    gradient g_W^loc of W (read after unscaling when a GradScaler is active; zero when g_bal = 0).
-4. Update (``update``): ``"code"`` (default, the official trainer): clip the global gradient norm of all parameters
-   to ``grad_clip`` (1.0), one momentum-SGD step with the (clipped) local gradients, then an extra momentum-free,
-   unclipped step W <- W - lr lam g^ (weight and bias). ``"paper"`` (Eq. 13): W.grad += lam g^, one momentum-SGD
-   step, no clipping (``grad_clip`` is ignored).
+4. Update (``update``): ``"code"`` (default, the official trainer's update rule): clip the global gradient norm of
+   all parameters to ``grad_clip`` (1.0), one momentum-SGD step with the (clipped) local gradients, then an extra
+   momentum-free, unclipped step W <- W - lr lam g^ (weight and bias). ``"paper"`` (Eq. 13): W.grad += lam g^, one
+   momentum-SGD step, no clipping (``grad_clip`` is ignored). With ``grad_accumulation=False`` (default) every step
+   starts from zero gradients, so ``"code"`` is the official rule as if its loop zeroed the gradients after every
+   optimizer step; it does not (next item).
+5. Gradient accumulation (``grad_accumulation=True``, the official loop; needs ``update="code"``): the official
+   trainer zeroes the gradients once before the local loop and otherwise only inside its re-balancing branch (right
+   after the balanced-set backward, before the local backward), never after an optimizer step. So the gradients
+   left in ``.grad`` after a step (the clipped ones the step used) carry into the next step:
+   - steps without a real balanced set (round 1 without ``rebalance_first_round``; clients with no class at or
+     above T; ``lam = 0`` in those rounds) add the new local gradient g_t of all parameters onto the carried one:
+     step t clips and steps with G_t = clip(G_{t-1}) + g_t, and the norm matching of the prototype-only
+     re-balancing (no class at or above T) reads the W part of G_t;
+   - steps of a client with a real balanced set (a class at or above T, re-balancing rounds) drop the carried
+     gradients (the local backward starts from zero), but the real part of g_bal is the carried clipped (W, b)
+     gradient of the previous step plus grad_(W, b) of the balanced CE (the balanced backward adds onto it).
+   The first step of a round carries nothing.
+   With a gradient scaler the carried gradients are rescaled to the current scale; a step the scaler skips
+   (non-finite gradients) restarts the accumulation.
 
 Server (:class:`RedGrapeReducer`): FedAvg weighted mean (weights n_k, server lr 1.0; Eq. 14), then per class c:
 G_c = unweighted mean of g_{k,c} over this round's participants owning c (Eq. 15); a class owned by nobody keeps
@@ -37,11 +53,14 @@ Inference: GM = W h + b (W^ discarded); there is no PM (PM = GM).
 
 Hyperparameters (paper symbol, default): ``lam`` (lambda, 0.1; grid {1, 0.1, 0.01}), ``threshold`` (T, 8 for
 MNIST-/CIFAR-10-LT, 2 for CIFAR-100-LT), ``update`` ("code"), ``rebalance_first_round`` (False), ``norm_match``
-("per_tensor"), ``grad_clip`` (1.0, code only), plus FedAvg's: ``lr`` (eta, 0.1 CIFAR / 0.01 MNIST), ``momentum``
-(0.9), ``weight_decay`` (0), ``local_epochs`` (E, 5), ``batch_size`` (B, 64). The paper's partition P-D is the data
-config's ``DirichletPrior(alpha=1.0)``.
+("per_tensor"), ``grad_clip`` (1.0, code only), ``grad_accumulation`` (False; True in the official code), plus
+FedAvg's: ``lr`` (eta, 0.1 CIFAR / 0.01 MNIST), ``momentum`` (0.9), ``weight_decay`` (0), ``local_epochs`` (E, 5),
+``batch_size`` (B, 64). The paper's partition P-D is the data config's ``DirichletPrior(alpha=1.0)``.
 
-Paper vs code (defaults follow the official code, which produced the paper's tables):
+Released code (``RedGrape.released_code``; docs/paper_vs_code.md; the ``configs/paper/redgrape_*.yaml`` files set
+it): ``grad_accumulation=True`` (item 5): the paper (Eq. 13) describes one fresh local gradient per step.
+
+Paper vs code (these defaults follow the official code, which produced the paper's tables):
 - ``update="code"``: gradient-norm clipping (1.0) over P, W, W^ and a separate momentum-free, unclipped
   re-balancing step of W; ``update="paper"``: a single combined gradient g_W^loc + lam g^ through the momentum
   optimizer, no clipping (docs/reference.md section 8 row 7).
@@ -56,7 +75,9 @@ Implementation choices:
   a generator seeded with (experiment seed, tag) so every rank builds the same head without touching the global RNG
   (the official code uses nn.Linear's default init from the global RNG).
 - ``lam = 0`` disables the re-balancing branch (no balanced set, no balanced forward): training is then exactly
-  FedAvg on a model with logits (W + W^) h, BatchNorm statistics included.
+  FedAvg on a model with logits (W + W^) h, BatchNorm statistics included (with ``grad_accumulation=True``: the
+  official loop's accumulation of item 5, which with lambda 0 still restarts every step on clients with a class
+  at or above T in re-balancing rounds, as the code's branch does).
 - Closed-form gradients are computed in float32 outside autocast.
 - Memory: each client uploads the (C, C, d) prototype tensor (plus (C, C) bias part) as a reducer extra and the
   server keeps one G of the same size: C = 100, d = 256 is 2.56 M floats (about 10 MB); it grows as C^2 d.
@@ -65,7 +86,7 @@ Implementation choices:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -224,6 +245,9 @@ class RedGrape(FedAvg):
         rebalance_first_round: re-balance in round 1 too (with the local balanced set only).
         norm_match: ``"per_tensor"`` (weight and bias separately) or ``"global"`` (one joint norm).
         grad_clip: global gradient-norm clip of the ``"code"`` update (ignored by ``"paper"``); ``None``: none.
+        grad_accumulation: ``False`` (default, the paper: fresh gradients every step) or ``True`` (the official loop:
+            gradients are not zeroed after a step and carry into the next one, module docstring item 5; needs
+            ``update="code"``).
         **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
@@ -233,10 +257,12 @@ class RedGrape(FedAvg):
         arxiv="2302.06058",
     )
     automatic_optimization = False
+    # The official code's values (github keven980716/Federated_Learning_Experiments, the decoupled trainer).
+    released_code: ClassVar[dict[str, Any]] = {"grad_accumulation": True}
 
     def __init__(self, lam: float = 0.1, threshold: int = 8, update: str = "code",
                  rebalance_first_round: bool = False, norm_match: str = "per_tensor",
-                 grad_clip: float | None = 1.0, **kwargs) -> None:
+                 grad_clip: float | None = 1.0, grad_accumulation: bool = False, **kwargs) -> None:
         super().__init__(grad_clip=grad_clip, **kwargs)
         if not (math.isfinite(lam) and lam >= 0):
             raise ValueError(f"lam must be a finite number >= 0, got {lam}")
@@ -248,11 +274,16 @@ class RedGrape(FedAvg):
             raise ValueError(f"norm_match must be one of {list(_NORM_MATCH)}, got {norm_match!r}")
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip}")
+        if not isinstance(grad_accumulation, bool):
+            raise ValueError(f"grad_accumulation must be a bool, got {grad_accumulation!r}")
+        if grad_accumulation and update != "code":
+            raise ValueError("grad_accumulation=True is the official loop's behaviour and needs update='code'")
         self.lam = float(lam)
         self.threshold = int(threshold)
         self.update = update
         self.rebalance_first_round = bool(rebalance_first_round)
         self.norm_match = norm_match
+        self.grad_accumulation = grad_accumulation
         self._reset_round()
 
     def _reset_round(self) -> None:
@@ -261,6 +292,11 @@ class RedGrape(FedAvg):
         self._proto_part: tuple[Tensor, Tensor] | None = None
         self._n_bal = 0
         self._active = False
+        # grad_accumulation: whether the official loop restarts the gradients every step (a real balanced set in a
+        # re-balancing round), and the gradients carried from the previous step ((parameter, unscaled clipped
+        # gradient) pairs, or None).
+        self._restarts = False
+        self._carried: list[tuple[Tensor, Tensor]] | None = None
 
     # -- wiring ----------------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
@@ -290,7 +326,10 @@ class RedGrape(FedAvg):
         self._reset_round()
         idx = self.data.client_indices[ctx.client_id]
         self._upload = self.local_prototypes(idx, ctx.generator)
-        if self.lam == 0 or (ctx.round <= 1 and not self.rebalance_first_round):
+        if ctx.round <= 1 and not self.rebalance_first_round:
+            return
+        self._restarts = bool((self._upload[2] >= self.threshold).any())
+        if self.lam == 0:
             return
         bal_classes = self._draw_balanced_set(idx, self._upload[2], ctx.generator)
         self._proto_part = self._global_prototype_part(bal_classes, ctx.message.extras)
@@ -348,9 +387,14 @@ class RedGrape(FedAvg):
             return None
         return extras["proto_w"][use].float().mean(0), extras["proto_b"][use].float().mean(0)
 
-    def balanced_gradient(self) -> tuple[Tensor, Tensor]:
+    def balanced_gradient(self, carried: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
         """g_bal: the real part on the frozen balanced set (train-mode forward, no gradient into P) combined with
-        the global prototype part."""
+        the global prototype part.
+
+        Args:
+            carried: (W, b) gradients added to the real part (``grad_accumulation``: the previous step's clipped
+                head gradient that the official balanced backward adds onto).
+        """
         head, c = self.model.head, self.num_classes
         parts_w, parts_b, weights = [], [], []
         if self._n_bal > 0:
@@ -358,6 +402,9 @@ class RedGrape(FedAvg):
                 h = self.model.forward_features(self._x_bal)
                 with torch.autocast(h.device.type, enabled=False):
                     w, b = classifier_grad(h.float(), self._y_bal, head.weight.float(), _float(head.bias))
+            if carried is not None:
+                w = w + carried[0].float()
+                b = b + carried[1].float() if b is not None and carried[1] is not None else b
             parts_w.append(w)
             parts_b.append(b)
             weights.append(float(self._n_bal))
@@ -379,23 +426,59 @@ class RedGrape(FedAvg):
         g_b = head.bias.grad.float() * inv if head.bias is not None else None
         return g_w, g_b
 
+    def _restore_carried(self) -> tuple[Tensor, Tensor | None] | None:
+        """``grad_accumulation``: puts the previous step's gradients back into ``.grad`` (times the current
+        gradient scale) so that the next backward adds onto them; on a restarting client they are dropped instead
+        and only the head's part is returned (for the real part of g_bal)."""
+        carried, self._carried = self._carried, None
+        if carried is None:
+            return None
+        if self._restarts:
+            head = self.model.head
+            grads = {id(p): g for p, g in carried}
+            if id(head.weight) not in grads:
+                return None
+            bias = grads.get(id(head.bias)) if head.bias is not None else None
+            return grads[id(head.weight)], bias
+        scale = self.trainer.scaler.get_scale() if self.trainer.scaler is not None else 1.0
+        for p, g in carried:
+            p.grad = g.mul_(scale) if scale != 1.0 else g
+        return None
+
+    def _held_grads(self, opt: torch.optim.Optimizer) -> list[tuple[Tensor, Tensor]]:
+        """The gradient tensors the next step will use; unscaling and clipping act on them in place, so after
+        :meth:`LocalTrainer.step` they hold what the optimizer stepped with (zero_grad only drops them)."""
+        return [(p, p.grad) for group in opt.param_groups for p in group["params"] if p.grad is not None]
+
+    def _keep_carried(self, held: list[tuple[Tensor, Tensor]]) -> None:
+        if self.trainer.scaler is not None:  # a skipped (non-finite) step restarts the accumulation
+            if not bool(torch.stack([torch.isfinite(g).all() for _, g in held]).all()):
+                return
+        self._carried = held
+
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         x, y = batch[0], batch[1]
         (opt,) = self._optimizers
+        carried_head = self._restore_carried() if self.grad_accumulation else None
         h = self.model.forward_features(x)
         z = self.model.head(h) + self.model.sup_head(h)
         loss = self.loss(z, y, ctx.class_counts, ctx.round)
         self.trainer.backward(loss)
         clip = self.grad_clip if self.update == "code" else None
+        held = self._held_grads(opt) if self.grad_accumulation else None
         if not self._active:
             self.trainer.step(opt, clip)
+            if held is not None:
+                self._keep_carried(held)
             return StepOutput(loss=None, parts={"loss": loss.detach()})
-        bal_w, bal_b = self.balanced_gradient()
+        bal_w, bal_b = self.balanced_gradient(carried_head)
         loc_w, loc_b = self._local_head_grad()
         hat_w, hat_b = norm_match(bal_w, bal_b, loc_w, loc_b, self.norm_match)
         head = self.model.head
         if self.update == "code":
             self.trainer.step(opt, clip)
+            if held is not None:
+                self._keep_carried(held)
             with torch.no_grad():
                 head.weight.sub_(hat_w.to(head.weight.dtype), alpha=self.lr * self.lam)
                 if head.bias is not None:

@@ -89,3 +89,51 @@ def test_personal_adaptation_moves_etf_and_projection_deterministically():
     for k, v in before.items():
         assert torch.equal(sim.global_state[k], v), k
     assert FedETF(adapt_epochs=0, personal_rounds=0).personalizes is False
+
+
+# -- released code: the count of an absent class in the balanced loss --------------------------------------------
+def _balanced_loss_by_hand(logits, y, counts, absent):
+    """CE(z_c + log n'_c) with n'_c = n_c, or ``absent`` for a class the client lacks (the normaliser of the prior
+    cancels in the softmax)."""
+    n = [float(c) if c > 0 else absent for c in counts.tolist()]
+    return F.cross_entropy(logits + torch.tensor(n).log(), y)
+
+
+@pytest.mark.parametrize(("absent", "kwargs"), [(1e-8, {}), (1.0, {"absent_class_count": 1.0})])
+def test_calibrated_loss_counts_an_absent_class_as_documented(absent, kwargs):
+    """Default: an absent class gets count 1e-8 (it drops out of the softmax); released code: count 1."""
+    sim = tiny_sim(_fast(**kwargs), rounds=1)
+    cid = next(k for k in range(sim.data.num_clients) if bool((sim._class_counts[k] == 0).any()))
+    counts = sim._class_counts[cid]
+    idx = sim.data.client_indices[cid][:16]
+    x, y = sim.data.get_batch(sim.data.train, idx)
+    ctx = ClientContext(cid, 1, 16, counts, torch.Generator(), torch.device("cpu"), ServerMessage(1, {}))
+    out = sim.method.training_step((x, y), ctx)
+    logits = sim.model(x).detach()
+    torch.testing.assert_close(out.loss.detach(), _balanced_loss_by_hand(logits, y, counts, absent),
+                               rtol=1e-5, atol=1e-6)
+    other = 1.0 if absent < 1.0 else 1e-8
+    assert abs(float(out.loss) - float(_balanced_loss_by_hand(logits, y, counts, other))) > 1e-4
+    assert FedETF.released_code == {"absent_class_count": 1.0}
+
+
+def test_absent_class_count_reaches_the_local_adaptation_and_is_validated():
+    """Stage 1 of the local adaptation gets the same counts as local training."""
+    seen = []
+
+    class Spy:
+        def __call__(self, logits, target, class_counts, round=1):
+            seen.append(class_counts.clone())
+            return balanced_softmax(logits, target, class_counts)
+
+    method = FedETF(lr=0.1, batch_size=16, loss=Spy(), absent_class_count=1.0, adapt_epochs=1, personal_rounds=0)
+    sim = tiny_sim(method, rounds=1)
+    cid = next(k for k in range(sim.data.num_clients) if bool((sim._class_counts[k] == 0).any()))
+    sim.load_client(cid)
+    with torch.enable_grad():
+        sim.method.prepare_personal(cid)
+    counts = sim._class_counts[cid].float()
+    assert seen and all(torch.equal(c.cpu(), torch.where(counts > 0, counts, 1.0)) for c in seen)
+    for bad in (0.0, -1.0, float("inf"), 1e-9, True):
+        with pytest.raises(ValueError, match="absent_class_count"):
+            FedETF(absent_class_count=bad)

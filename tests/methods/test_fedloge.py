@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from helpers import global_copy, run, tiny_data, tiny_sim
 
 from fedlt.data import FederatedDataset
+from fedlt.engine.sharding import seeded_generator
 from fedlt.engine.simulator import Simulator
-from fedlt.methods.fedetf import simplex_etf
+from fedlt.methods.fedetf import etf_basis, simplex_etf
 from fedlt.methods.fedloge import FedLoGe, build_sse_c, ga_fr, la_fr, sparsity_mask, sse_loss
 from fedlt.models import build_model
 from fedlt.types import ClientUpdate
@@ -239,6 +240,47 @@ def test_mask_absent_classes_restricts_pm_predictions():
     # Masked: client 0 can only predict 0 or 1 -> predicts 1 (higher bias): 4 of its 8 right; client 1 unchanged.
     assert results[True]["test/personal/acc_mean"] == pytest.approx((4 / 8 + 4 / 12) / 2)
     assert results[True]["test/global/acc"] == results[False]["test/global/acc"]  # GM is never masked
+
+
+# -- released code: the random matrix behind the ETF basis --------------------------------------------------------
+def _hand_basis(dim: int, c: int, seed_or_gen, basis: str) -> torch.Tensor:
+    gen = seed_or_gen if isinstance(seed_or_gen, torch.Generator) else torch.Generator().manual_seed(seed_or_gen)
+    a = (torch.randn if basis == "gaussian" else torch.rand)(dim, c, generator=gen, dtype=torch.float64)
+    q, _ = torch.linalg.qr(a)
+    return q
+
+
+@pytest.mark.parametrize("basis", ["gaussian", "uniform"])
+def test_etf_basis_is_the_qr_of_a_gaussian_or_uniform_draw(basis):
+    """P = Q of the QR of torch.randn (default) or torch.rand (U[0, 1), the official code) from the generator; it
+    is orthonormal either way and the dense ETF and SSE-C (no sparsity, no steps) are built on it."""
+    dim, c = 32, 6
+    u = etf_basis(c, dim, torch.Generator().manual_seed(7), basis)
+    expected = _hand_basis(dim, c, 7, basis)
+    torch.testing.assert_close(u, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(u.t() @ u, torch.eye(c, dtype=torch.float64), rtol=0, atol=1e-10)
+    etf = math.sqrt(c / (c - 1)) * expected @ (torch.eye(c, dtype=torch.float64) - 1.0 / c)
+    torch.testing.assert_close(simplex_etf(c, dim, torch.Generator().manual_seed(7), basis), etf.float())
+    w, mask = build_sse_c(dim, c, beta=0.0, steps=0, generator=torch.Generator().manual_seed(7), basis=basis)
+    assert bool(mask.all())
+    torch.testing.assert_close(w, etf.float())
+    # The uniform draw's first column is one-signed (all entries of U[0, 1) are positive); a Gaussian's is not.
+    first = expected[:, 0]
+    assert bool((first > 0).all() or (first < 0).all()) == (basis == "uniform")
+    other = "uniform" if basis == "gaussian" else "gaussian"
+    assert not torch.allclose(u, etf_basis(c, dim, torch.Generator().manual_seed(7), other))
+
+
+@pytest.mark.parametrize("basis", ["gaussian", "uniform"])
+def test_fedloge_builds_its_sse_c_on_the_chosen_basis(basis):
+    sim = tiny_sim(_fedloge(sse_steps=0, beta=0.0, etf_basis=basis), rounds=1)
+    d, c = sim.model.num_features, sim.data.num_classes
+    u = _hand_basis(d, c, seeded_generator(sim.method.run.seed, "fedloge-sse-c"), basis)
+    etf = math.sqrt(c / (c - 1)) * u @ (torch.eye(c, dtype=torch.float64) - 1.0 / c)
+    torch.testing.assert_close(sim.model.sse.weight, etf.float().t())
+    assert FedLoGe.released_code == {"etf_basis": "uniform"}
+    with pytest.raises(ValueError, match="etf_basis"):
+        FedLoGe(etf_basis="normal")
 
 
 def test_rejects_bad_arguments():

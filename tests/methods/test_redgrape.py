@@ -266,6 +266,121 @@ def test_local_steps_by_hand(update, case, scaled):
             assert extra.norm() > 10 * lr * clip
 
 
+# -- released code: the official loop's gradient accumulation --------------------------------------------------
+def _official_loop(model, batches, x_bal, y_bal, proto, lam, lr, mom, clip, rebalancing):
+    """The official decoupled trainer's local loop written out on ``model``: the gradients are zeroed once before
+    the loop and, on a client with a real balanced set, right after the balanced backward; never after a step.
+    Per step: forward (summed logits; detached features for the balanced set), re-balancing branch, local
+    backward, per-tensor norm matching, clip of all gradients, momentum step, extra W step. Returns the
+    parameters after every step."""
+    head = model.head
+    n_bal = 0 if y_bal is None else int(y_bal.unique().numel())
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mom)
+    model.zero_grad()
+    after = []
+    for x, y in batches:
+        h = model.forward_features(x)
+        logits = head(h) + model.sup_head(h)
+        if rebalancing and n_bal:
+            bal_logits = head(model.forward_features(x_bal).detach())
+        loss = F.cross_entropy(logits, y)
+        bal = None
+        if rebalancing and n_bal:  # adds onto whatever .grad still holds from the previous step
+            F.cross_entropy(bal_logits, y_bal).backward()
+            if proto is not None:
+                for prm, q in zip((head.weight, head.bias), proto):
+                    prm.grad = (prm.grad * n_bal + q * (C - n_bal)) / C
+            bal = [head.weight.grad.clone(), head.bias.grad.clone()]
+            model.zero_grad()
+        elif rebalancing and proto is not None:
+            bal = [proto[0].clone(), proto[1].clone()]
+        loss.backward()  # accumulates unless the branch above zeroed the gradients
+        if bal is not None:
+            bal = [b * (prm.grad.norm() / b.norm()) for b, prm in zip(bal, (head.weight, head.bias))]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if bal is not None:
+            with torch.no_grad():
+                head.weight.sub_(lr * lam * bal[0])
+                head.bias.sub_(lr * lam * bal[1])
+        after.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    return after
+
+
+ACCUMULATION_CASES = {  # (local counts with T = 8, round, classes whose G_c enters g_bal)
+    "round_one": ([10, 3, 2, 0], 1, None),  # no re-balancing: the whole model accumulates
+    "no_balanced_class": ([5, 4, 3, 0], 2, [0, 1, 2]),  # prototypes only: accumulates, norm of the running sum
+    "mixed": ([10, 3, 2, 0], 2, [1, 2]),  # restarts every step; the carried head gradient enters g_bal
+    "all_balanced": ([10, 9, 8, 12], 2, None),  # restarts; real part (plus the carried head gradient) alone
+}
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("case", list(ACCUMULATION_CASES))
+def test_grad_accumulation_reproduces_the_official_loop(case, scaled):
+    """grad_accumulation=True: four steps agree with the hand-written official loop to float rounding (also under
+    a gradient scaler); grad_accumulation=False (fresh gradients every step) does not."""
+    counts, rnd, proto_classes = ACCUMULATION_CASES[case]
+    lam, lr, mom, clip = 0.5, 0.1, 0.9, 0.3
+    results = {}
+    for acc in (True, False):
+        method = RedGrape(lam=lam, threshold=8, lr=lr, momentum=mom, grad_clip=clip, batch_size=8,
+                          grad_accumulation=acc)
+        sim = tensor_sim(method, [counts])
+        extras = random_prototypes(5, sim.model.num_features, has=[True, True, True, False])
+        if scaled:
+            sim.trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        ctx = client_ctx(sim, 0, rnd, extras)
+        method.on_client_start(ctx)
+        ref = copy.deepcopy(sim.model)
+        rebalancing = rnd > 1
+        proto = None
+        if proto_classes is not None:
+            proto = (extras["proto_w"][proto_classes].mean(0), extras["proto_b"][proto_classes].mean(0))
+        idx = sim.data.client_indices[0]
+        batches = [(sim.data.train.x[b], sim.data.train.y[b]) for b in idx[torch.randperm(idx.numel(),
+                   generator=torch.Generator().manual_seed(1))].split(3)[:4]]
+        assert len(batches) == 4
+        expected = _official_loop(ref, batches, method._x_bal, method._y_bal, proto, lam, lr, mom, clip,
+                                  rebalancing)
+        method._optimizers = method.configure_optimizers()
+        got = []
+        for batch in batches:
+            method.training_step(batch, ctx)
+            got.append({k: v.detach().clone() for k, v in sim.model.named_parameters()})
+        results[acc] = (got, expected)
+    got, expected = results[True]
+    for step, (g, e) in enumerate(zip(got, expected)):
+        for k in e:
+            torch.testing.assert_close(g[k], e[k], rtol=1e-5, atol=1e-6, msg=f"step {step} {k}")
+    fresh, expected = results[False]
+    assert torch.allclose(fresh[0]["head.weight"], expected[0]["head.weight"], rtol=1e-5, atol=1e-6)  # step 1
+    assert not torch.allclose(fresh[-1]["head.weight"], expected[-1]["head.weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_grad_accumulation_over_a_whole_local_round():
+    """Through the local loop (fit, two epochs, round 1): the running gradient sum of the official loop."""
+    lr, mom, clip = 0.05, 0.9, 0.5
+    method = RedGrape(threshold=8, lr=lr, momentum=mom, grad_clip=clip, batch_size=8, local_epochs=2,
+                      grad_accumulation=True)
+    sim = tensor_sim(method, [[10, 6, 3, 1]])
+    ctx = client_ctx(sim, 0, 1, {})
+    ref = copy.deepcopy(sim.model)
+    got, gen_state = train_client(sim, ctx)
+    gen = torch.Generator()
+    gen.set_state(gen_state)
+    order = sim.trainer.batch_indices(sim.data.client_indices[0], SimpleNamespace(generator=gen), 8, 2)
+    assert len(order) >= 4
+    batches = [sim.data.get_batch(sim.data.train, b, gen, train=True) for b in order]
+    expected = _official_loop(ref, batches, None, None, None, 0.1, lr, mom, clip, rebalancing=False)[-1]
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # Fresh gradients every step (the default) end elsewhere.
+    sim.method.grad_accumulation = False
+    fresh, _ = train_client(sim, client_ctx(sim, 0, 1, {}))
+    assert not torch.allclose(fresh["fc.weight"], expected["fc.weight"], rtol=1e-4, atol=1e-5)
+
+
 # -- invariant 4 ----------------------------------------------------------------------------------------------
 def _reference_fit(model, data, idx, gen_state, lr, momentum, batch_size, epochs, trainer):
     """Plain momentum SGD on CE((W + W^) h) over the same batches and augmentations as the client's fit."""
@@ -470,6 +585,8 @@ def test_supplementary_head_init_is_seeded_and_independent_of_the_global_rng():
     ({"update": "fused"}, "update"),
     ({"norm_match": "layerwise"}, "norm_match"),
     ({"grad_clip": 0.0}, "grad_clip"),
+    ({"grad_accumulation": 1}, "grad_accumulation"),
+    ({"grad_accumulation": True, "update": "paper"}, "grad_accumulation"),
 ])
 def test_invalid_arguments_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
