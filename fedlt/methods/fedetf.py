@@ -27,10 +27,9 @@ that a class absent from the client's training split gets in the balanced loss (
 receives the counts): 1e-8 by default (fedlt.losses' clamp, the limit n_c -> 0 of the balanced loss: a missing
 class drops out of the calibrated softmax) vs 1 in the official code (a missing class is treated like a class
 with one sample and its logit keeps being pushed down). It applies to local training and to the balanced-loss
-stage 1 of the local adaptation.
-Deviations: the ETF's U comes from a generator seeded by the data seed instead of numpy's global RNG, and from the
-QR of a Gaussian draw where the official code takes that of a U[0, 1) draw (:func:`etf_basis` has both; FedLoGe
-exposes the choice as ``etf_basis``). Local adaptation runs at every evaluation (the paper runs it once after
+stage 1 of the local adaptation. ``etf_basis``: the ETF's orthonormal U is the QR of a Gaussian draw by default
+(the paper only asks for an orthonormal basis), of a U[0, 1) draw in the official code (:func:`etf_basis`).
+Deviations: the ETF's U comes from a generator seeded by the experiment seed instead of numpy's global RNG. Local adaptation runs at every evaluation (the paper runs it once after
 training). Stage 2 uses cached frozen-body features: the official code re-runs the frozen body on augmented
 batches in train mode (batch BatchNorm statistics, running statistics still updated), which changes the inputs
 of the same optimisation problem only by augmentation and BatchNorm noise and costs a full forward pass per step
@@ -96,17 +95,18 @@ class ETFHead(nn.Module):
         proj_dim: d' (>= C).
         beta_init: initial temperature beta.
         generator: draws the ETF's orthonormal basis and the projection's initial weights.
+        basis: the draw behind the ETF's orthonormal basis (:func:`etf_basis`).
     """
 
     def __init__(self, num_features: int, num_classes: int, proj_dim: int, beta_init: float,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, basis: str = "gaussian") -> None:
         super().__init__()
         # skip_init + explicit draws from ``generator``: nn.Linear's default init, without the global RNG.
         self.proj = nn.utils.skip_init(nn.Linear, num_features, proj_dim)
         nn.init.kaiming_uniform_(self.proj.weight, a=math.sqrt(5), generator=generator)
         bound = 1.0 / math.sqrt(num_features)
         nn.init.uniform_(self.proj.bias, -bound, bound, generator=generator)
-        self.register_buffer("etf", simplex_etf(num_classes, proj_dim, generator))
+        self.register_buffer("etf", simplex_etf(num_classes, proj_dim, generator, basis))
         self.beta = nn.Parameter(torch.tensor(float(beta_init)))
 
     def forward(self, features: Tensor) -> Tensor:
@@ -130,6 +130,8 @@ class FedETF(FedAvg):
         loss: the federated training loss (default: balanced softmax on the local label histogram).
         absent_class_count: the count given to the loss for a class the client does not hold (>= 1e-8): 1e-8
             (default; the class drops out of the calibrated softmax) or 1.0 (the official code).
+        etf_basis: the ETF's orthonormal basis is the QR of a ``gaussian`` (default) or ``uniform`` U[0, 1) draw
+            (the official code).
         **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
@@ -140,11 +142,12 @@ class FedETF(FedAvg):
         arxiv="2303.10058",
     )
     # The official code's values (github ZexiLee/ICCV-2023-FedETF, nodes.py: absent-class counts set to 1).
-    released_code: ClassVar[dict[str, Any]] = {"absent_class_count": 1.0}
+    released_code: ClassVar[dict[str, Any]] = {"absent_class_count": 1.0, "etf_basis": "uniform"}
 
     def __init__(self, proj_dim: int | None = None, beta_init: float = 1.0, adapt_epochs: int | None = None,
                  personal_rounds: int = 20, personal_epochs: int = 3, etf_lr: float = 0.1, proj_lr: float = 0.05,
-                 loss: Loss | None = None, absent_class_count: float = COUNT_EPS, **kwargs) -> None:
+                 loss: Loss | None = None, absent_class_count: float = COUNT_EPS, etf_basis: str = "gaussian",
+                 **kwargs) -> None:
         super().__init__(loss=loss if loss is not None else BalancedSoftmax(), **kwargs)
         if min(personal_rounds, personal_epochs, adapt_epochs or 0) < 0 or etf_lr <= 0 or proj_lr <= 0:
             raise ValueError("FedETF needs epochs/rounds >= 0 and learning rates > 0")
@@ -152,6 +155,9 @@ class FedETF(FedAvg):
                 or not math.isfinite(absent_class_count) or absent_class_count < COUNT_EPS):
             raise ValueError(f"absent_class_count must be a finite number >= {COUNT_EPS}, got {absent_class_count!r}")
         self.absent_class_count = float(absent_class_count)
+        if etf_basis not in ETF_BASES:
+            raise ValueError(f"etf_basis must be one of {list(ETF_BASES)}, got {etf_basis!r}")
+        self.etf_basis = etf_basis
         self.proj_dim = proj_dim
         self.beta_init = beta_init
         self.adapt_epochs = self.local_epochs if adapt_epochs is None else adapt_epochs
@@ -165,7 +171,7 @@ class FedETF(FedAvg):
         device = next(model.parameters()).device
         proj_dim = self.proj_dim if self.proj_dim is not None else self.num_classes
         head = ETFHead(model.num_features, self.num_classes, proj_dim, self.beta_init,
-                       seeded_generator(self.run.seed, "fedetf"))
+                       seeded_generator(self.run.seed, "fedetf"), self.etf_basis)
         model.head = head.to(device)  # the FedModel contract: the classifier keeps the name ``head``
 
     def loss_counts(self, counts: Tensor) -> Tensor:

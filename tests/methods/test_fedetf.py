@@ -114,7 +114,7 @@ def test_calibrated_loss_counts_an_absent_class_as_documented(absent, kwargs):
                                rtol=1e-5, atol=1e-6)
     other = 1.0 if absent < 1.0 else 1e-8
     assert abs(float(out.loss) - float(_balanced_loss_by_hand(logits, y, counts, other))) > 1e-4
-    assert FedETF.released_code == {"absent_class_count": 1.0}
+    assert FedETF.released_code == {"absent_class_count": 1.0, "etf_basis": "uniform"}
 
 
 def test_absent_class_count_reaches_the_local_adaptation_and_is_validated():
@@ -137,3 +137,24 @@ def test_absent_class_count_reaches_the_local_adaptation_and_is_validated():
     for bad in (0.0, -1.0, float("inf"), 1e-9, True):
         with pytest.raises(ValueError, match="absent_class_count"):
             FedETF(absent_class_count=bad)
+
+
+@pytest.mark.parametrize("basis", ["gaussian", "uniform"])
+def test_fedetf_etf_is_built_on_the_chosen_basis(basis):
+    """The head's ETF is sqrt(C/(C-1)) U (I - 11^T/C) with U the QR of the chosen draw (hand-written here)."""
+    from fedlt.engine.sharding import seeded_generator
+
+    sim = tiny_sim(_fast(proj_dim=16, etf_basis=basis), rounds=1)
+    c = sim.data.num_classes
+    gen = seeded_generator(sim.method.run.seed, "fedetf")
+    # The head draws the projection's weight and bias first, then the basis (same generator).
+    torch.empty(16, sim.model.num_features).uniform_(generator=gen)
+    torch.empty(16).uniform_(generator=gen)
+    draw = (torch.randn if basis == "gaussian" else torch.rand)(16, c, generator=gen, dtype=torch.float64)
+    u, _ = torch.linalg.qr(draw)
+    ref = (c / (c - 1)) ** 0.5 * u @ (torch.eye(c, dtype=torch.float64) - 1.0 / c)
+    torch.testing.assert_close(sim.model.head.etf, ref.float(), rtol=1e-5, atol=1e-6)
+    other = tiny_sim(_fast(proj_dim=16, etf_basis="uniform" if basis == "gaussian" else "gaussian"), rounds=1)
+    assert not torch.allclose(other.model.head.etf, sim.model.head.etf, atol=1e-3)
+    with pytest.raises(ValueError, match="etf_basis"):
+        FedETF(etf_basis="sobol")
