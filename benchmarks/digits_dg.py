@@ -11,7 +11,12 @@ evaluations that is every evaluated round, which rewards fast starters), plus th
     python benchmarks/digits_dg.py                                  # every row, seeds 0 1 2, 2 parallel jobs
     python benchmarks/digits_dg.py --rows fedavg fedtail --seeds 0
 
-Finished runs (``domains.json`` present) are reused, so an interrupted sweep continues where it stopped.
+Finished runs (``domains.json`` present) are reused, so an interrupted sweep continues where it stopped. Every
+finished run's numbers are also recorded in ``benchmarks/results/digits_dg.json`` (with the fedlt commit that made
+them); a row and seed found there is not re-run (``--rerun`` forces it), so a sweep can be spread over machines or
+sessions by committing that file, and the table is rebuilt from it (a row shows the seeds recorded so far).
+``--keep`` copies the lines of rows that are not run from the existing table (marked "(kept)"): for rows whose
+method and config did not change since that table was made, so only the changed rows need to be re-run.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,18 +52,37 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "fedavg-lr015": ("FedAvg at FedTAIL's lr 0.015", [*_method("fedavg"), "--method.init_args.lr", "0.015"]),
     "fedsam": ("FedSAM (rho 0.05)", _method("fedsam")),
     "feddgga": ("FedDG-GA (step 0.2)", _method("feddgga")),
-    "fedtail": ("FedTAIL (class-SAM + sharp-ER)", []),
+    "fedtail": ("FedTAIL (every component)", []),
     "fedtail-no-csam": ("FedTAIL without class-wise SAM", ["--method.init_args.class_sam", "false"]),
     "fedtail-no-er": ("FedTAIL without sharp-ER", ["--method.init_args.er_weight", "0"]),
     "fedtail-uniform": ("FedTAIL, gamma_c = 1 (no curvature)", ["--method.init_args.gamma_delta", "1e9"]),
+    "fedtail-no-adv": ("FedTAIL without the adversarial term (nor coherence)",
+                       ["--method.init_args.adversarial", "off"]),
+    "fedtail-no-coh": ("FedTAIL without gradient coherence", ["--method.init_args.coherence_alpha", "0"]),
+    "fedtail-momentum": ("FedTAIL, Q_T = momentum teacher", ["--method.init_args.qt", "momentum_teacher"]),
     "fedavg-central": ("FedAvg, centralized (1 client)", [*_method("fedavg"), "--data.domain_layout", "centralized"]),
     "dgviaer-central": ("DGviaER, centralized (1 client)",
                         [*_method("dgviaer"), "--data.domain_layout", "centralized"]),
 }
 
 
-def run_one(row: str, seed: int, root: Path) -> tuple[Path, dict]:
-    """Runs (or reuses) one row and seed over all four targets; returns its run dir and ``domains.json``."""
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+def record(run_dir: Path, domains: dict) -> dict:
+    """The numbers the tables need from one finished run over all four targets."""
+    return {
+        "second_half": {t: second_half(run_dir, t) for t in DOMAINS},
+        "few": sum(second_half(run_dir, t, "test/global/acc_few") for t in DOMAINS) / len(DOMAINS),
+        **{k: domains["mean"][k] for k in ("final", "val_selected", "mean_last")},
+        "commit": _commit(),
+    }
+
+
+def run_one(row: str, seed: int, root: Path) -> dict:
+    """Runs (or reuses) one row and seed over all four targets; returns its :func:`record`."""
     run_dir = root / f"{row}-s{seed}"
     out = run_dir / "domains.json"
     if not out.exists():
@@ -71,7 +96,7 @@ def run_one(row: str, seed: int, root: Path) -> tuple[Path, dict]:
         if proc.returncode != 0:
             raise SystemExit(f"{row} seed {seed} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
         print(f"{row} seed {seed}: {time.time() - t0:.0f} s", flush=True)
-    return run_dir, json.loads(out.read_text())
+    return record(run_dir, json.loads(out.read_text()))
 
 
 def _cell(values: list[float]) -> str:
@@ -89,37 +114,63 @@ def second_half(run_dir: Path, target: str, key: str = "test/domain/{t}/acc") ->
     return sum(vals) / len(vals)
 
 
-def table(results: dict[str, list[tuple[Path, dict]]], seeds: list[int], command: str, notes: str) -> str:
+def kept_lines(old: str, row: str) -> list[str]:
+    """The (main table, second table) lines of ``row`` in an existing results file, marked as kept (a file from
+    before the ``n`` column gets its seed count from its header)."""
+    label = ROWS[row][0]
+    found = [line for line in old.splitlines() if line.startswith((f"| {label} |", f"| {label} (kept) |"))]
+    if len(found) != 2:
+        raise SystemExit(f"--keep: {label!r} is not in both tables of the existing results")
+    header = old[old.index("seeds [") + 7 :]
+    n = len(header[: header.index("]")].split(","))
+    out = []
+    for line, cells in zip(found, (len(DOMAINS) + 3, 6)):
+        line = line.replace(f"| {label} |", f"| {label} (kept) |", 1)
+        if line.count("|") - 1 == cells - 1:  # no n column yet
+            line = line.replace(" (kept) |", f" (kept) | {n} |", 1)
+        out.append(line)
+    return out
+
+
+def table(results: dict[str, dict[str, dict]], seeds: list[int], command: str, notes: str,
+          kept: dict[str, list[str]] | None = None) -> str:
+    """``results[row][seed]``: the :func:`record` of each run."""
+    kept = kept or {}
     lines = [
         "# Federated domain generalization on embedded digits_dg",
         "",
-        f"Leave-one-domain-out over the four synthetic domains, one client per source domain, seeds {seeds}, "
+        f"Leave-one-domain-out over the four synthetic domains, one client per source domain, seeds {seeds} "
+        "(column n: the seeds a row has so far), "
         "config `configs/fedtail_digits_dg.yaml` (20 rounds, evaluated every 2). Cells: target-domain accuracy (%), "
         "mean ± std over seeds of each run's mean over the evaluations of the second half of training (rounds "
         "12-20).",
         "",
         f"Regenerate: `{command}`",
         "",
-        "| method | " + " | ".join(DOMAINS) + " | mean |",
-        "|" + "---|" * (len(DOMAINS) + 2),
+        "| method | n | " + " | ".join(DOMAINS) + " | mean |",
+        "|" + "---|" * (len(DOMAINS) + 3),
     ]
     for row, reps in results.items():
-        per = [[second_half(d, t) for t in DOMAINS] for d, _ in reps]
+        per = [[r["second_half"][t] for t in DOMAINS] for r in reps.values()]
         cells = [_cell([p[i] for p in per]) for i in range(len(DOMAINS))]
         cells.append(_cell([sum(p) / len(p) for p in per]))
-        lines.append(f"| {ROWS[row][0]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ROWS[row][0]} | {len(reps)} | " + " | ".join(cells) + " |")
+    lines += [k[0] for k in kept.values()]
     lines += [
         "",
         "Mean over the four targets (%): at the last round, at the round with the best source-domain validation "
         "accuracy, over every evaluated round (`mean_last`), and the few-class target accuracy (second half).",
         "",
-        "| method | last round | val-selected | whole run | few (2nd half) |",
-        "|---|---|---|---|---|",
+        "| method | n | last round | val-selected | whole run | few (2nd half) |",
+        "|---|---|---|---|---|---|",
     ]
     for row, reps in results.items():
-        few = [sum(second_half(d, t, "test/global/acc_few") for t in DOMAINS) / len(DOMAINS) for d, _ in reps]
-        cells = [_cell([r["mean"][k] for _, r in reps]) for k in ("final", "val_selected", "mean_last")]
-        lines.append(f"| {ROWS[row][0]} | " + " | ".join([*cells, _cell(few)]) + " |")
+        cells = [_cell([r[k] for r in reps.values()]) for k in ("final", "val_selected", "mean_last", "few")]
+        lines.append(f"| {ROWS[row][0]} | {len(reps)} | " + " | ".join(cells) + " |")
+    lines += [k[1] for k in kept.values()]
+    if kept:
+        lines += ["", "Rows marked (kept) were not re-run: copied from the previous version of this file (same method, "
+                  "config and seeds)."]
     return "\n".join(lines) + "\n\n" + notes
 
 
@@ -130,21 +181,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="parallel runs (each uses one thread)")
     p.add_argument("--run-root", default=str(ROOT / "runs" / "bench_digits_dg"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "digits_dg.md"))
+    p.add_argument("--keep", action="store_true", help="copy the rows not run from the existing table")
+    p.add_argument("--rerun", action="store_true", help="run rows and seeds already recorded in the JSON again")
+    p.add_argument("--table-only", action="store_true", help="rebuild the table from the JSON, run nothing")
     a = p.parse_args(argv)
     root = Path(a.run_root)
-    jobs = [(row, s) for row in a.rows for s in a.seeds]
-    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
-        done = list(pool.map(lambda rs: run_one(rs[0], rs[1], root), jobs))
-    results: dict[str, list[tuple[Path, dict]]] = {}
-    for (row, _), rep in zip(jobs, done):
-        results.setdefault(row, []).append(rep)
     out = Path(a.out)
+    store = out.with_suffix(".json")
+    recorded: dict[str, dict[str, dict]] = json.loads(store.read_text()) if store.exists() else {}
+    lock = threading.Lock()
+
+    def job(row: str, seed: int) -> None:
+        rec = run_one(row, seed, root)
+        with lock:  # write after every run: an interrupted sweep keeps what finished
+            recorded.setdefault(row, {})[str(seed)] = rec
+            store.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+
+    # Seed-major order: every row gets its first seed before any row its second.
+    jobs = [(row, s) for s in a.seeds for row in a.rows
+            if not a.table_only and (a.rerun or str(s) not in recorded.get(row, {}))]
+    with ThreadPoolExecutor(max_workers=a.jobs) as pool:
+        list(pool.map(lambda rs: job(*rs), jobs))
+    results = {row: {s: recorded[row][s] for s in sorted(recorded[row], key=int) if int(s) in a.seeds}
+               for row in a.rows if recorded.get(row)}
     old = out.read_text() if out.exists() else ""
     notes = old[old.index(NOTES):] if NOTES in old else f"{NOTES}\n\n(none yet)\n"
+    kept = {row: kept_lines(old, row) for row in ROWS if row not in a.rows} if a.keep else {}
     command = "python benchmarks/digits_dg.py" + ("" if a.rows == list(ROWS) else " --rows " + " ".join(a.rows)) + (
-        "" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds)))
+        "" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + (" --keep" if a.keep else "")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(table(results, a.seeds, command, notes))
+    out.write_text(table(results, a.seeds, command, notes, kept))
     print(out.read_text())
     return 0
 

@@ -33,6 +33,8 @@ class DGviaER(FedTAIL):
 
     Args:
         adversarial: ``auto`` (on when some client holds >= 2 domains, e.g. the centralised layout), ``on``, ``off``.
+        adv_source: ``local`` (DGviaER's discriminator on the client's own features, the default) or FedTAIL's
+            federated ``shared_stats`` / ``shared_means`` (see :class:`~fedlt.methods.fedtail.FedTAIL`).
         adv_weight: weight of the discriminator loss L_D.
         adv_coeff: gradient-reversal coefficient of the discriminator (0.1 in the DGviaER code).
         er_weight: weight of the entropy-regularisation term.
@@ -51,6 +53,7 @@ class DGviaER(FedTAIL):
     def __init__(
         self,
         adversarial: str = "auto",
+        adv_source: str = "local",
         adv_weight: float = 1.0,
         adv_coeff: float = 0.1,
         er_weight: float = 1.0,
@@ -65,7 +68,7 @@ class DGviaER(FedTAIL):
     ) -> None:
         super().__init__(
             class_sam=False, er_rho=0.0, qt="domain_heads", coherence_alpha=0.0, adv_schedule="constant",
-            adversarial=adversarial, adv_weight=adv_weight, adv_coeff=adv_coeff, er_weight=er_weight,
+            adversarial=adversarial, adv_source=adv_source, adv_weight=adv_weight, adv_coeff=adv_coeff, er_weight=er_weight,
             er_cross_scale=er_cross_scale, er_adv_coeff=er_adv_coeff, aux_hidden=aux_hidden, aux_dropout=aux_dropout,
             aux_lr_scale=aux_lr_scale, domain_head_aggregation=domain_head_aggregation, warmup_rounds=warmup_rounds,
             **kwargs,

@@ -27,9 +27,14 @@ Client (one local step on a batch (x, y, d), docs/reference.md 6.2), total gradi
      domains classify this client's features with the gradient into F scaled by 0.05, and T'_d is trained through
      a reversal of 0.001 -- while T_d learns on detached clean features; ``qt="global_teacher"``:
      KL(Q_T || softmax(T(F(x)) at w + eps)) with Q_T the received global model's prediction;
+     ``qt="momentum_teacher"``: the paper's target distribution from a momentum-updated ensemble -- Q_T is the
+     prediction of the server's exponential moving average of the global models, theta_T <- m theta_T + (1 - m)
+     theta_global after every round (m = ``teacher_momentum``; theta_T starts at the initial global model);
   5. one SGD step on the sum (the auxiliary heads with ``aux_lr_scale`` times the learning rate).
 Server: FedAvg over (theta, phi, psi); each per-domain head is averaged over the clients holding its domain
-(``domain_head_aggregation``). Inference: argmax T(F(x)); the discriminator and auxiliary heads are unused.
+(``domain_head_aggregation``); the per-(domain, class) feature moments and the momentum teacher are server state
+(checkpointed with it) sent with the global model. Inference: argmax T(F(x)); the discriminator and auxiliary
+heads are unused.
 
 Hyperparameters (symbol, default): rho (class-wise SAM radius, 0.05), delta (``gamma_delta``, 1e-3), alpha
 (``coherence_alpha``, 0.1 [R]; unknown in the paper), loss weights of L_adv / L_sharp-er / the class-wise term
@@ -40,9 +45,31 @@ Deliberate choices and deviations (all arguments):
 * ``class_sam_reduction="mean"``: the class-wise term is (1/G) sum_g gamma_g L_g over the G class groups of the
   batch. The literal sum (``sum``) multiplies the effective learning rate by G: on digits_dg it diverged to a
   constant predictor at every learning rate that trains FedAvg.
-* ``adversarial="auto"`` (ambiguity A-T3, Appendix R T4): with one domain per client (layout (i)) a local
-  discriminator sees a single label, so the adversarial and coherence terms are switched off with a warning;
-  they are on when some client holds two or more domains (layout (ii), centralised mode). ``on`` forces them.
+* The federated adversarial term (``adv_source="shared_stats"``, the default; ambiguity A-T3). With one source
+  domain per client (layout (i), the paper's setting) a discriminator trained on local features alone sees a
+  single label, so there is nothing to align and the coherence term is undefined. FedTAIL therefore shares, per
+  (source domain, class), the first two moments of the extractor's features: every client accumulates sum h,
+  sum h^2 and the count of the clean features of its local steps (detached) and uploads them as reducer extras;
+  the server sums them (exactly, so the result does not depend on the number of ranks) and broadcasts the latest
+  moments of every cell with the global model. In a local step the discriminator D_psi then classifies the
+  client's own features (label: their domain) together with one class-matched sample per image drawn from
+  another source domain's moments, z ~ N(mu_{d',y}, diag sigma^2_{d',y}) (d' != d chosen uniformly among the
+  domains with at least ``adv_min_count`` features of class y). psi descends the whole L_D; the extractor receives
+  the reversed gradient through its own features only (the shared samples are constants), so it learns features
+  the discriminator cannot tell from the other domains' class-conditional feature distributions -- the
+  multi-domain alignment a centralised DANN performs, from statistics rather than images. The coherence term
+  couples this reversed gradient with g_cls as in the centralised case. Why moments: they are what
+  feature-statistics sharing methods for federated DG already exchange (a d-dimensional mean and variance per
+  class and domain, far less than images or per-sample features), class matching keeps the discriminator from
+  separating domains by their label mix (the source domains are long-tailed differently), and a Gaussian sample
+  carries the spread that a prototype alone lacks. Alternatives: ``shared_means`` uses the class means
+  (prototypes) mu_{d',y} themselves; ``local`` is the centralised discriminator on the client's own features
+  only (active only when a client holds two or more domains: layout (ii) with mixed domains, or centralised).
+  The moments are one round old (the previous round's features) and absent in round 1, where a single-domain
+  batch skips L_D and L_coh.
+* ``adversarial="auto"``: on whenever the adversarial term is defined (``shared_*`` with two or more source domains;
+  ``local`` when some client holds two or more domains), else off with a warning. ``on`` builds the discriminator
+  in any case (a step whose discriminator batch holds a single domain skips the term), ``off`` disables it.
 * ``qt`` default ``domain_heads`` per Appendix R section 5; the teacher variant of docs/reference.md 6.2 is an option.
 * In federated layout (i) the cross-domain term works through federation: client d trains T_d on its own
   domain; the other clients receive it with the global model and use it frozen.
@@ -81,10 +108,12 @@ from fedlt.methods.base import METHODS, Reducer
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import ClientContext, ClientUpdate, PaperRef, StepOutput
 
-__all__ = ["FedTAIL", "class_weights", "coherence_loss", "top_hessian_eigenvalue"]
+__all__ = ["FedTAIL", "FedTAILReducer", "class_weights", "coherence_loss", "top_hessian_eigenvalue"]
 
 _LAMBDA = "fedtail.lambda"
-_QT = ("domain_heads", "global_teacher")
+_QT = ("domain_heads", "global_teacher", "momentum_teacher")
+_ADV_SOURCES = ("shared_stats", "shared_means", "local")
+_MOMENTS = "dg_moments"  # (M, C, 2d + 1): per (domain, class) sum h, sum h^2 and the count
 _COHERENCE = ("linear", "hinge", "cos")
 
 
@@ -160,6 +189,123 @@ class _GradSum(dict):
             p.grad = g
 
 
+class _SharedMoments:
+    """The broadcast per-(domain, class) feature moments, ready to sample class-matched features of other domains.
+
+    Args:
+        moments: (M, C, 2d + 1) sums of h, h^2 and the counts.
+        min_count: cells with fewer features are unavailable.
+    """
+
+    def __init__(self, moments: Tensor, min_count: int) -> None:
+        d = (moments.shape[-1] - 1) // 2
+        count = moments[..., -1:]
+        self.available = (count[..., 0] >= min_count).cpu()  # (M, C)
+        safe = count.clamp_min(1.0)
+        self.mean = moments[..., :d] / safe
+        self.std = (moments[..., d : 2 * d] / safe - self.mean.square()).clamp_min(0.0).sqrt()
+
+    @classmethod
+    def of(cls, moments: Tensor | None, min_count: int) -> _SharedMoments | None:
+        if moments is None or not bool((moments[..., -1] >= min_count).any()):
+            return None
+        return cls(moments, min_count)
+
+    def sample(self, y: Tensor, dom: Tensor, gaussian: bool, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """For every image with another source domain that has features of its class: one such domain d' (uniform)
+        and a feature z ~ N(mu_{d',y}, diag sigma^2_{d',y}) (``gaussian``) or mu_{d',y}. Returns (z, d')."""
+        y_cpu, dom_cpu = y.cpu(), dom.cpu()
+        cand = self.available[:, y_cpu].t().clone()  # (B, M)
+        cand[torch.arange(y_cpu.numel()), dom_cpu] = False
+        rows = cand.any(1)
+        if not bool(rows.any()):
+            return self.mean.new_zeros(0, self.mean.shape[-1]), dom.new_zeros(0)
+        pick = torch.multinomial(cand[rows].float(), 1, generator=generator).squeeze(1)
+        cls = y_cpu[rows]
+        mean = self.mean[pick.to(self.mean.device), cls.to(self.mean.device)]
+        if gaussian:
+            noise = torch.randn(mean.shape, generator=generator).to(mean.device, mean.dtype)
+            mean = mean + noise * self.std[pick.to(self.mean.device), cls.to(self.mean.device)]
+        return mean, pick.to(dom.device)
+
+
+class FedTAILReducer(DomainHeadReducer):
+    """FedAvg (with per-domain head averaging when ``head_keys`` is given) plus FedTAIL's server state: the latest
+    per-(domain, class) feature moments (a cell keeps its last value until a client of that domain and class
+    uploads again) and the momentum teacher theta_T <- m theta_T + (1 - m) theta_global.
+
+    Args:
+        head_keys: per-domain head keys for :class:`~fedlt.methods._dg.DomainHeadReducer`'s averaging, or None.
+        numel: elements of one domain's heads.
+        moments: shape (M, C, 2d + 1) of the shared moments, or None.
+        teacher_momentum: m of the momentum teacher, or None for none.
+    """
+
+    def __init__(self, head_keys: list[list[str]] | None, numel: int, moments: tuple[int, ...] | None,
+                 teacher_momentum: float | None) -> None:
+        extras: dict[str, tuple[int, ...]] = {}
+        if head_keys:
+            extras.update({"domain_heads": (len(head_keys), numel), "domain_weight": (len(head_keys),)})
+        if moments is not None:
+            extras[_MOMENTS] = tuple(moments)
+        Reducer.__init__(self, extras)  # DomainHeadReducer's extras only when the heads are domain-weighted
+        self.head_keys = head_keys or []
+        self.moment_shape = moments
+        self.teacher_momentum = teacher_momentum
+        self.moments: Tensor | None = None
+        self.teacher: dict[str, Tensor] = {}
+
+    def setup(self, global_state: dict[str, Tensor], device: torch.device) -> None:
+        super().setup(global_state, device)
+        if self.moment_shape is not None:
+            self.moments = torch.zeros(self.moment_shape, device=device)
+        if self.teacher_momentum is not None:
+            self.teacher = {k: v.detach().clone() for k, v in global_state.items()}
+
+    def server_step(self, round: int) -> None:
+        if self.head_keys:
+            super().server_step(round)
+        else:
+            Reducer.server_step(self, round)
+        with torch.no_grad():
+            if self.moments is not None:
+                new = self.extras_sum[_MOMENTS].view(self.moment_shape)
+                fresh = new[..., -1:] > 0
+                self.moments.copy_(torch.where(fresh, new, self.moments))
+            if self.teacher:
+                m = self.teacher_momentum
+                for k, v in self.teacher.items():
+                    g = self.global_state[k]
+                    if v.is_floating_point():
+                        v.mul_(m).add_(g.to(v.dtype), alpha=1 - m)
+                    else:
+                        v.copy_(g)
+
+    def broadcast_extras(self, round: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.moments is not None and bool((self.moments[..., -1] > 0).any()):
+            out[_MOMENTS] = self.moments
+        if self.teacher:
+            out["teacher"] = self.teacher
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        if self.moments is not None:
+            out["moments"] = self.moments.detach().cpu().clone()
+        if self.teacher:
+            out["teacher"] = {k: v.detach().cpu().clone() for k, v in self.teacher.items()}
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            if self.moments is not None:
+                self.moments.copy_(state["moments"])
+            for k, v in state.get("teacher", {}).items():
+                self.teacher[k].copy_(v)
+
+
 @METHODS.register("fedtail")
 class FedTAIL(FedAvg):
     """FedTAIL (reconstruction): class-wise SAM with curvature weights, sharpness-aware entropy regularisation,
@@ -190,13 +336,20 @@ class FedTAIL(FedAvg):
             global model's prediction).
         er_cross_scale: DGviaER's scale of the cross-domain gradient into the extractor (0.05).
         er_adv_coeff: DGviaER's reversal coefficient of the per-domain adversarial heads T'_i (0.001).
-        teacher_temperature: softmax temperature of Q_T in the ``global_teacher`` variant.
+        teacher_temperature: softmax temperature of Q_T in the ``global_teacher`` and ``momentum_teacher`` variants.
+        teacher_momentum: m of the ``momentum_teacher`` EMA of the global models.
         aux_hidden: hidden width of the auxiliary heads and the discriminator (0: linear).
         aux_dropout: dropout of the auxiliary heads and the discriminator.
         aux_lr_scale: learning rate of the auxiliary heads relative to ``lr`` (DGviaER: 1e-4 / 1e-3).
         domain_head_aggregation: ``domain_weighted`` (average T_i over the holders of domain i) or ``fedavg``.
         warmup_rounds: rounds during which the adversarial and entropy weights are multiplied by 0.01 (DGviaER).
-        adversarial: ``auto`` (on when some client holds >= 2 domains), ``on`` or ``off`` (A-T3).
+        adversarial: ``auto`` (on when the adversarial term is defined, see ``adv_source``), ``on`` (always built;
+            a step without two domains to separate skips it) or ``off``.
+        adv_source: what the discriminator sees besides the client's own features: ``shared_stats`` (default:
+            class-matched Gaussian samples from the server-shared feature moments of the other source domains),
+            ``shared_means`` (their class means) or ``local`` (nothing: own features only, which needs a client
+            holding two or more domains).
+        adv_min_count: a (domain, class) cell of the shared moments is used once it holds this many features.
         adv_weight: weight of L_adv.
         adv_coeff: maximum reversal coefficient kappa.
         adv_schedule: ``dann`` (kappa_p = kappa (2/(1+exp(-10p)) - 1)) or ``constant``.
@@ -234,12 +387,15 @@ class FedTAIL(FedAvg):
         er_cross_scale: float = 0.05,
         er_adv_coeff: float = 0.001,
         teacher_temperature: float = 1.0,
+        teacher_momentum: float = 0.9,
         aux_hidden: int = 256,
         aux_dropout: float = 0.5,
         aux_lr_scale: float = 0.1,
         domain_head_aggregation: str = "domain_weighted",
         warmup_rounds: int = 0,
         adversarial: str = "auto",
+        adv_source: str = "shared_stats",
+        adv_min_count: int = 2,
         adv_weight: float = 1.0,
         adv_coeff: float = 1.0,
         adv_schedule: str = "dann",
@@ -256,6 +412,7 @@ class FedTAIL(FedAvg):
             "qt": (qt, _QT),
             "domain_head_aggregation": (domain_head_aggregation, ("domain_weighted", "fedavg")),
             "adversarial": (adversarial, ("auto", "on", "off")),
+            "adv_source": (adv_source, _ADV_SOURCES),
             "adv_schedule": (adv_schedule, ("dann", "constant")),
             "coherence": (coherence, _COHERENCE),
         }
@@ -264,6 +421,10 @@ class FedTAIL(FedAvg):
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
         if rho < 0 or (er_rho is not None and er_rho < 0):
             raise ValueError("rho and er_rho must be >= 0")
+        if not 0.0 <= teacher_momentum < 1.0:
+            raise ValueError(f"teacher_momentum must be in [0, 1), got {teacher_momentum}")
+        if adv_min_count < 1:
+            raise ValueError(f"adv_min_count must be >= 1, got {adv_min_count}")
         if not 0.0 <= hessian_ema < 1.0:
             raise ValueError(f"hessian_ema must be in [0, 1), got {hessian_ema}")
         self.rho = rho
@@ -286,12 +447,15 @@ class FedTAIL(FedAvg):
         self.er_cross_scale = er_cross_scale
         self.er_adv_coeff = er_adv_coeff
         self.teacher_temperature = teacher_temperature
+        self.teacher_momentum = teacher_momentum
         self.aux_hidden = aux_hidden
         self.aux_dropout = aux_dropout
         self.aux_lr_scale = aux_lr_scale
         self.domain_head_aggregation = domain_head_aggregation
         self.warmup_rounds = warmup_rounds
         self.adversarial = adversarial
+        self.adv_source = adv_source
+        self.adv_min_count = adv_min_count
         self.adv_weight = adv_weight
         self.adv_coeff = adv_coeff
         self.adv_schedule = adv_schedule
@@ -314,19 +478,27 @@ class FedTAIL(FedAvg):
             counts = [[int(n)] for n in data.client_sizes]
         self._domain_counts = torch.as_tensor(counts, dtype=torch.float32)
         multi = bool(((self._domain_counts > 0).sum(1) >= 2).any())
-        self.adversarial_active = self.adversarial == "on" or (self.adversarial == "auto" and multi)
-        if self.adversarial == "auto" and not multi and (self.adv_weight > 0 or self.coherence_alpha > 0):
-            warnings.warn("FedTAIL: every client holds a single domain, so a local domain discriminator would see "
-                          "one label; the adversarial and coherence terms are off (adversarial='on' forces them; "
-                          "docs/reference.md 6.3 A-T3)", RuntimeWarning, stacklevel=2)
+        self.trained_domains = list(getattr(data, "source_domain_ids", [0]))
+        shared = self.adv_source != "local"
+        defined = (shared and len(self.trained_domains) >= 2) or multi
+        self.adversarial_active = self.adversarial == "on" or (self.adversarial == "auto" and defined)
+        if self.adversarial != "off" and not defined and (self.adv_weight > 0 or self.coherence_alpha > 0):
+            reason = ("there is a single source domain" if shared else
+                      "every client holds a single domain, so a local domain discriminator would see one label "
+                      "(adv_source='shared_stats' aligns with the other domains' shared feature moments)")
+            effect = ("the adversarial and coherence terms are off" if self.adversarial == "auto" else
+                      "the discriminator is built but every step skips the adversarial and coherence terms")
+            warnings.warn(f"{type(self).__name__}: {reason}; {effect} (docs/reference.md section 6, A-T3)",
+                          RuntimeWarning, stacklevel=2)
+        self.shares_moments = self.adversarial_active and shared
         d = model.num_features
+        self._moment_shape = (self.num_domains, data.num_classes, 2 * d + 1)
         if self.adversarial_active:
             model.dg_disc = make_discriminator(d, self.num_domains, self.aux_hidden, self.aux_dropout)
         if self.uses_domain_heads:
             model.dg_aux = make_domain_heads(d, data.num_classes, self.num_domains, self.aux_hidden, self.aux_dropout)
             model.dg_adv = make_domain_heads(d, data.num_classes, self.num_domains, self.aux_hidden, self.aux_dropout)
         model.to(next(model.parameters()).device)
-        self.trained_domains = list(getattr(data, "source_domain_ids", [0]))
         named = dict(model.named_parameters())
         self._theta = [p for k, p in named.items() if not k.startswith(("head.", "dg_"))]
         self._phi = [p for k, p in named.items() if k.startswith("head.")]
@@ -354,9 +526,11 @@ class FedTAIL(FedAvg):
         return self.uses_domain_heads and self.domain_head_aggregation == "domain_weighted"
 
     def configure_reducer(self) -> Reducer:
-        if self._domain_weighted:
-            return DomainHeadReducer(self._head_keys, self._head_numel)
-        return Reducer()
+        moments = self._moment_shape if self.shares_moments else None
+        momentum = self.teacher_momentum if self.er_weight > 0 and self.qt == "momentum_teacher" else None
+        if moments is None and momentum is None:
+            return DomainHeadReducer(self._head_keys, self._head_numel) if self._domain_weighted else Reducer()
+        return FedTAILReducer(self._head_keys if self._domain_weighted else None, self._head_numel, moments, momentum)
 
     # -- client ----------------------------------------------------------------------------------------------
     def on_client_start(self, ctx: ClientContext) -> None:
@@ -368,6 +542,9 @@ class FedTAIL(FedAvg):
         self._ctx = ctx
         self._lambda = torch.zeros(self.num_classes, device=ctx.device)
         self._warm = 0.01 if ctx.round <= self.warmup_rounds else 1.0
+        if self.shares_moments:
+            self._moments = torch.zeros(self._moment_shape, device=ctx.device)
+            self._shared = _SharedMoments.of(ctx.message.extras.get(_MOMENTS), self.adv_min_count)
 
     def on_client_end(self, ctx: ClientContext) -> ClientUpdate:
         if self.class_sam and self.hessian_ema > 0:
@@ -376,6 +553,8 @@ class FedTAIL(FedAvg):
         if self._domain_weighted:
             extras = domain_head_extras(self.model, self._head_keys, self._head_numel,
                                         self._domain_counts[ctx.client_id].to(ctx.device))
+        if self.shares_moments:
+            extras[_MOMENTS] = self._moments
         return ClientUpdate(client_id=ctx.client_id, weight=float(ctx.num_samples), tensors=self.shared_tensors,
                             extras=extras)
 
@@ -444,16 +623,19 @@ class FedTAIL(FedAvg):
         w = self._w
         acc = _GradSum()
         add = acc.add
-        coh_on = self.adversarial_active and self.coherence_alpha > 0
         # 1. clean pass at w.
         h = self.model.forward_features(x)
         logits = self.model.head(h)
+        adv_batch = self._adversarial_batch(h, y, dom, ctx) if self.adversarial_active else None
+        coh_on = adv_batch is not None and self.coherence_alpha > 0
         l_cls = self.loss(logits, y, ctx.class_counts, ctx.round)
         g_cls = torch.autograd.grad(l_cls, w, retain_graph=True, create_graph=coh_on, allow_unused=True)
         add(w, g_cls, self.clean_loss_weight)
         parts = {"loss": l_cls.detach()}
-        if self.adversarial_active:
-            parts.update(self._adversarial(h, dom, g_cls, coh_on, add))
+        if self.shares_moments:
+            self._accumulate_moments(h.detach(), y, dom)
+        if adv_batch is not None:
+            parts.update(self._adversarial(*adv_batch, g_cls, coh_on, add))
         # Everything that needs the clean graph comes before the in-place perturbations of w (which would bump the
         # version counters of tensors that graph saved): the class gradients g_c, the unperturbed entropy term and
         # the auxiliary heads (DGviaER: each T_d learns on the detached clean features of its domain).
@@ -481,13 +663,34 @@ class FedTAIL(FedAvg):
             self.trainer.step(opt, self.grad_clip, update_scaler=i == last)
         return StepOutput(loss=None, parts=parts)
 
-    def _adversarial(self, h: Tensor, dom: Tensor, g_cls, coh_on: bool, add) -> dict[str, Tensor]:
-        """L_adv with the reversed extractor gradient (step 1) and the coherence penalty (step 2) on the clean graph."""
+    def _adversarial_batch(self, h: Tensor, y: Tensor, dom: Tensor, ctx: ClientContext) -> tuple[Tensor, Tensor] | None:
+        """The discriminator's inputs and domain labels: the clean features, plus (``shared_*``) one class-matched
+        sample of another source domain per image; ``None`` when they hold a single domain (nothing to separate,
+        e.g. round 1 before any moments were shared)."""
+        feats, labels = h, dom
+        if self.shares_moments and self._shared is not None:
+            z, d_z = self._shared.sample(y, dom, self.adv_source == "shared_stats", ctx.generator)
+            if z.shape[0]:
+                feats, labels = torch.cat([h, z.to(h.device, h.dtype)]), torch.cat([dom, d_z.to(dom.device)])
+        if not bool((labels != labels[0]).any()):
+            return None
+        return feats, labels
+
+    def _accumulate_moments(self, h: Tensor, y: Tensor, dom: Tensor) -> None:
+        """Adds this batch's clean features to the client's per-(domain, class) sums of h, h^2 and the count."""
+        cell = dom * self.num_classes + y
+        rows = torch.cat([h.float(), h.float().square(), torch.ones_like(h[:, :1]).float()], dim=1)
+        self._moments.view(-1, rows.shape[1]).index_add_(0, cell, rows)
+
+    def _adversarial(self, feats: Tensor, labels: Tensor, g_cls, coh_on: bool, add) -> dict[str, Tensor]:
+        """L_adv with the reversed extractor gradient (step 1) and the coherence penalty (step 2) on the clean graph.
+
+        ``feats`` are the clean features (with the extractor's graph), followed by the shared samples (constants)."""
         theta = self._theta
         # The extractor's reversed gradient -kappa grad_theta L_D is formed explicitly rather than by a GRL inside the
         # graph: under create_graph a GRL would also reverse (and scale) the second-order path through the features,
         # and the coherence update would not be the gradient of L_coh (same first-order step).
-        l_d = F.cross_entropy(self.model.dg_disc(h), dom)
+        l_d = F.cross_entropy(self.model.dg_disc(feats), labels)
         weight = self.adv_weight * self._warm
         g_d = torch.autograd.grad(weight * l_d, theta + self._psi, retain_graph=True, create_graph=coh_on,
                                   allow_unused=True)
@@ -553,8 +756,9 @@ class FedTAIL(FedAvg):
         return loss.detach()
 
     def _teacher_kl(self, x: Tensor, logits: Tensor, ctx: ClientContext) -> Tensor:
-        """KL(Q_T || p) with Q_T the received global model's (eval-mode) prediction."""
-        state = ctx.message.state
+        """KL(Q_T || p) with Q_T the (eval-mode) prediction of the received global model, or of the server's
+        momentum ensemble (``qt="momentum_teacher"``)."""
+        state = ctx.message.extras["teacher"] if self.qt == "momentum_teacher" else ctx.message.state
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():

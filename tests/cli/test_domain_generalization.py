@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -115,9 +116,30 @@ def test_flagship_without_pretrained_weights_explains_how_to_provide_them(tmp_pa
 @pytest.mark.parametrize("args, needle", [
     (["--data.domain_layout", "ring"], "unknown domain_layout 'ring'; valid: per_domain, clients_per_domain"),
     (["--data.target_domain", "mars"], "unknown target_domain 'mars' for digits_dg; valid: plain, textured"),
-    (["--method.init_args.qt", "oracle"], "unknown qt 'oracle'; valid: domain_heads, global_teacher (in FedTAIL"),
+    (["--method.init_args.qt", "oracle"], "unknown qt 'oracle'; valid: domain_heads, global_teacher, momentum_teacher (in FedTAIL"),
 ])
 def test_bad_domain_settings_exit_2_with_one_line(tmp_path, capsys, args, needle):
     assert main(["fit", "--config", DIGITS_DG, "--run_dir", str(tmp_path), *args, *QUIET]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Namespace(" not in err and "Traceback" not in err
+
+
+def test_flagship_configs_run_every_fedtail_component(tmp_path, recwarn):
+    """Both FedTAIL configs switch every component on; on digits_dg (one client per source domain) round 2 trains
+    the adversarial and coherence terms against the shared feature moments, without a warning."""
+    for path in (PACS, DIGITS_DG):
+        args = yaml.safe_load(Path(path).read_text())["method"]["init_args"]
+        assert args["class_sam"] is True and args["er_weight"] > 0 and args["adversarial"] == "on"
+        assert args["adv_source"] == "shared_stats" and args.get("coherence_alpha", 0.1) > 0
+    run = tmp_path / "dg"
+    code = main(["fit", "--config", DIGITS_DG, "--data.source.init_args.per_class", "20",
+                 "--data.source.init_args.val_per_class", "4", "--data.source.init_args.image_size", "16",
+                 "--method.init_args.hessian_iters", "2", "--trainer.rounds", "2", "--trainer.eval_every", "2",
+                 "--run_dir", str(run), *QUIET])
+    assert code == 0
+    assert not [w for w in recwarn if "FedTAIL" in str(w.message)]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert not rows[0].get("train/loss_adv")  # round 1: no moments shared yet
+    for part in ("train/loss_adv", "train/loss_coh", "train/loss_csam", "train/loss_er"):
+        assert rows[1][part] != "", part
+    assert float(rows[1]["train/loss_adv"]) > 0

@@ -519,16 +519,194 @@ def test_domain_head_aggregation_fedavg_mixes_the_heads():
 
 
 # -- adversarial="auto", the GRL and the coherence term ---------------------------------------------------------------
-def test_adversarial_auto_is_off_with_one_domain_per_client():
+def test_adversarial_auto_with_the_local_source_is_off_with_one_domain_per_client():
     with pytest.warns(RuntimeWarning, match="single domain"):
-        sim = dg_sim(FedTAIL(), quiet=False, layout="per_domain")
+        sim = dg_sim(FedTAIL(adv_source="local"), quiet=False, layout="per_domain")
     assert not sim.method.adversarial_active
     assert not hasattr(sim.model, "dg_disc") and not any(k.startswith("dg_disc.") for k in sim.global_state)
     assert sim.method._psi == []
     # Pure domain clients of layout (ii) are the same situation; "on" forces the discriminator anyway.
-    assert not dg_sim(FedTAIL(), layout="clients_per_domain", domain_alpha=0.0).method.adversarial_active
-    forced = dg_sim(FedTAIL(adversarial="on"), layout="per_domain")
+    local = dg_sim(FedTAIL(adv_source="local"), layout="clients_per_domain", domain_alpha=0.0)
+    assert not local.method.adversarial_active
+    forced = dg_sim(FedTAIL(adversarial="on", adv_source="local"), layout="per_domain")
     assert forced.method.adversarial_active and hasattr(forced.model, "dg_disc")
+
+
+def test_adversarial_auto_is_on_by_default_with_one_domain_per_client():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "term is off" warning
+        sim = dg_sim(FedTAIL(aux_hidden=0), quiet=False, layout="per_domain")
+    method = sim.method
+    assert method.adversarial_active and method.shares_moments and method.coherence_alpha > 0
+    assert isinstance(sim.reducer, fedtail_module.FedTAILReducer)
+    assert sim.reducer.moments.shape == (4, 10, 2 * sim.model.num_features + 1)
+    assert "dg_moments" not in sim.reducer.broadcast(1).extras  # nothing shared before round 1
+
+
+def _hand_moments(num_features: int) -> torch.Tensor:
+    """Moments (4 domains x 10 classes) with known means / variances: domain 1 holds classes 0-9 (50 features
+    each, mean = class + 10 * domain, variance 4), domain 2 only class 3 (1 feature: below adv_min_count 2)."""
+    m = torch.zeros(4, 10, 2 * num_features + 1)
+    for c in range(10):
+        mu, var, n = float(c + 10), 4.0, 50.0
+        m[1, c, :num_features] = n * mu
+        m[1, c, num_features:-1] = n * (var + mu * mu)
+        m[1, c, -1] = n
+    m[2, 3, :num_features], m[2, 3, num_features:-1], m[2, 3, -1] = 7.0, 49.0, 1.0
+    return m
+
+
+def test_shared_moments_sample_class_matched_features_of_other_domains():
+    d = 3
+    shared = fedtail_module._SharedMoments.of(_hand_moments(d), min_count=2)
+    y = torch.tensor([0, 3, 3, 9] * 500)
+    dom = torch.tensor([0, 0, 1, 0] * 500)
+    g = torch.Generator().manual_seed(0)
+    z, d_z = shared.sample(y, dom, gaussian=True, generator=g)
+    # Rows of domain 1 have no other domain with enough features of class 3 (domain 2 holds one): no sample.
+    keep = dom != 1
+    assert z.shape == (int(keep.sum()), d) and torch.all(d_z == 1)
+    for c in (0, 3, 9):
+        zc = z[y[keep] == c]
+        torch.testing.assert_close(zc.mean(0), torch.full((d,), c + 10.0), atol=0.25, rtol=0)
+        torch.testing.assert_close(zc.std(0), torch.full((d,), 2.0), atol=0.2, rtol=0)
+    means, _ = shared.sample(y, dom, gaussian=False, generator=g)
+    torch.testing.assert_close(means, (y[keep].float() + 10.0)[:, None].expand(-1, d))
+    assert fedtail_module._SharedMoments.of(torch.zeros(4, 10, 2 * d + 1), 2) is None
+
+
+def test_federated_adversarial_step_by_hand_with_shared_moments():
+    """One domain per client, moments of another domain broadcast: the discriminator sees the client's features
+    (label: its domain) and one class-matched sample per image from domain 1's moments (label 1); the extractor gets
+    -kappa adv_weight grad_theta L_D through its own features only, plus the coherence term."""
+    lr, kappa, adv_w, alpha = 0.1, 0.7, 0.9, 0.3
+    method = FedTAIL(lr=lr, class_sam=False, er_weight=0.0, adv_schedule="constant", adv_coeff=kappa,
+                     adv_weight=adv_w, coherence_alpha=alpha, aux_hidden=0, adv_source="shared_means")
+    sim = dg_sim(method, layout="per_domain")
+    d = sim.model.num_features
+    sim.reducer.moments.copy_(_hand_moments(d))
+    seen = capture_grads(sim)
+    ctx = start_client(sim, cid=0)  # client 0 holds domain 0 ("plain")
+    x, y, dom = sim.data.get_batch(sim.data.train, sim.data.client_indices[0][::10])
+    assert torch.all(dom == 0)
+    net = copy.deepcopy(sim.model)
+    out = method.training_step((x, y, dom), ctx)
+    theta = [net.fc.weight, net.fc.bias]
+    phi = [net.head.weight, net.head.bias]
+    psi = list(net.dg_disc.parameters())
+    h = net.forward_features(x)
+    z = (y.float() + 10.0)[:, None].expand(-1, d)  # domain 1's class means, every class is available there
+    l_cls = F.cross_entropy(net.head(h), y)
+    l_d = F.cross_entropy(net.dg_disc(torch.cat([h, z])), torch.cat([dom, torch.ones_like(dom)]))
+    g_cls = torch.autograd.grad(l_cls, theta, create_graph=True)
+    g_adv = [-kappa * adv_w * g for g in torch.autograd.grad(l_d, theta, create_graph=True)]
+    l_coh = -alpha * sum((a * b).sum() for a, b in zip(g_cls, g_adv))
+    g_coh = torch.autograd.grad(l_coh, theta + phi, retain_graph=True)
+    g_clean = torch.autograd.grad(l_cls, theta + phi, retain_graph=True)
+    g_psi = [adv_w * g for g in torch.autograd.grad(l_d, psi)]
+    expected = [a + b + (g_adv[i] if i < 2 else 0) for i, (a, b) in enumerate(zip(g_clean, g_coh))] + g_psi
+    torch.testing.assert_close(out.parts["adv"], l_d.detach())
+    torch.testing.assert_close(out.parts["coh"], l_coh.detach())
+    assert float(l_coh.abs()) > 0
+    params = dict(sim.model.named_parameters())
+    names = ["fc.weight", "fc.bias", "head.weight", "head.bias", "dg_disc.weight", "dg_disc.bias"]
+    for name, g in zip(names, expected):
+        torch.testing.assert_close(seen[0][id(params[name])], g.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_round_one_skips_the_term_and_round_two_aligns_with_shared_moments():
+    method = FedTAIL(lr=0.05, local_steps=2, batch_size=32, class_sam=False, er_weight=0.0, aux_hidden=0)
+    sim = dg_sim(method, layout="per_domain")
+    first = sim.run_round(1).metrics
+    assert "train/loss_adv" not in first and "train/loss_coh" not in first
+    # The server now holds each client's summed clean features per (domain, class) of the source domains.
+    moments = sim.reducer.moments
+    counts = moments[..., -1]
+    assert float(counts[3].sum()) == 0  # the target domain
+    assert torch.all(counts[:3].sum(1) == 2 * 32)  # two steps of 32 images per source domain
+    for dom_id in range(3):
+        seen_classes = counts[dom_id] > 0
+        mean = moments[dom_id, seen_classes, :-1].view(int(seen_classes.sum()), 2, -1)
+        assert torch.all(mean[:, 1] >= 0)  # sums of squares
+    assert "dg_moments" in sim.reducer.broadcast(2).extras
+    second = sim.run_round(2).metrics
+    assert math.isfinite(second["train/loss_adv"]) and second["train/loss_adv"] > 0
+    assert math.isfinite(second["train/loss_coh"])
+
+
+def test_moment_accumulation_is_the_sum_over_the_clean_features():
+    method = FedTAIL(lr=0.1, class_sam=False, er_weight=0.0, aux_hidden=0)
+    sim = dg_sim(method, layout="per_domain")
+    ctx = start_client(sim, cid=1)
+    idx = sim.data.client_indices[1]
+    batches = [idx[:40], idx[40:70]]
+    feats, labels = [], []
+    for b in batches:
+        x, y, dom = sim.data.get_batch(sim.data.train, b)
+        with torch.no_grad():
+            feats.append(sim.model.forward_features(x))
+        labels.append(y)
+        method.training_step((x, y, dom), ctx)  # features of each step at the weights before it
+    h, y = torch.cat(feats), torch.cat(labels)
+    update = method.on_client_end(ctx)
+    m = update.extras["dg_moments"]
+    d = h.shape[1]
+    for c in range(10):
+        hc = h[y == c]
+        torch.testing.assert_close(m[1, c, :d], hc.sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m[1, c, d:-1], (hc * hc).sum(0), rtol=1e-5, atol=1e-5)
+        assert float(m[1, c, -1]) == hc.shape[0]
+    assert float(m[[0, 2, 3]].abs().sum()) == 0
+
+
+def test_reducer_keeps_stale_cells_and_checkpoints_moments_and_teacher():
+    method = FedTAIL(lr=0.05, local_steps=1, class_sam=False, er_weight=1.0, er_rho=0.0, qt="momentum_teacher",
+                     teacher_momentum=0.8, aux_hidden=0)
+    sim = dg_sim(method, layout="per_domain")
+    reducer = sim.reducer
+    init = {k: v.clone() for k, v in sim.global_state.items()}
+    torch.testing.assert_close(reducer.broadcast(1).extras["teacher"], init)
+    _manual_round(sim, [0, 1], round=1)
+    g1 = {k: v.clone() for k, v in sim.global_state.items()}
+    counts1 = reducer.moments[..., -1].clone()
+    assert float(counts1[0].sum()) > 0 and float(counts1[2].sum()) == 0
+    _manual_round(sim, [2], round=2)
+    g2 = sim.global_state
+    # Domain 0 and 1 cells keep round 1's moments; domain 2's are fresh.
+    torch.testing.assert_close(reducer.moments[..., -1][:2], counts1[:2])
+    assert float(reducer.moments[2, :, -1].sum()) > 0
+    for k, v in reducer.teacher.items():
+        if v.is_floating_point():
+            ref = 0.8 * (0.8 * init[k] + 0.2 * g1[k]) + 0.2 * g2[k]
+            torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-6, msg=k)
+    state = copy.deepcopy(reducer.state_dict())
+    fresh = dg_sim(FedTAIL(lr=0.05, local_steps=1, class_sam=False, er_weight=1.0, er_rho=0.0,
+                           qt="momentum_teacher", teacher_momentum=0.8, aux_hidden=0), layout="per_domain")
+    fresh.reducer.load_state_dict(state)
+    assert torch.equal(fresh.reducer.moments, reducer.moments)
+    assert all(torch.equal(fresh.reducer.teacher[k], v) for k, v in reducer.teacher.items())
+
+
+def test_momentum_teacher_kl_uses_the_ensemble_not_the_received_model():
+    method = FedTAIL(lr=0.1, class_sam=False, er_rho=0.0, qt="momentum_teacher", adversarial="off")
+    sim = dg_sim(method, layout="per_domain")
+    ctx = start_client(sim)
+    x, y, dom = sim.data.get_batch(sim.data.train, sim.data.client_indices[1][:40])
+    # Round 1: the ensemble is the initial global model, so the KL vanishes at w.
+    assert abs(float(method.training_step((x, y, dom), ctx).parts["er"])) < 1e-6
+    teacher = {k: (v * 0.5 if v.is_floating_point() else v) for k, v in sim.reducer.teacher.items()}
+    sim.reducer.teacher = teacher
+    ctx = start_client(sim)
+    out = method.training_step((x, y, dom), ctx)
+    with torch.no_grad():
+        net = copy.deepcopy(sim.model).eval()
+        q = F.softmax(functional_call(net, teacher, (x,)), 1)
+    assert float(out.parts["er"]) > 1e-4
+    with pytest.raises(ValueError, match="teacher_momentum"):
+        FedTAIL(teacher_momentum=1.0)
+    with pytest.raises(ValueError, match="adv_source"):
+        FedTAIL(adv_source="images")
+    assert q.shape == (40, 10)
 
 
 @pytest.mark.parametrize("layout", ["clients_per_domain", "centralized"])
