@@ -68,7 +68,8 @@ class DGviaER(FedTAIL):
     ) -> None:
         super().__init__(
             class_sam=False, er_rho=0.0, qt="domain_heads", coherence_alpha=0.0, adv_schedule="constant",
-            adversarial=adversarial, adv_source=adv_source, adv_weight=adv_weight, adv_coeff=adv_coeff, er_weight=er_weight,
+            adversarial=adversarial, adv_source=adv_source, adv_weight=adv_weight, adv_coeff=adv_coeff,
+            er_weight=er_weight,
             er_cross_scale=er_cross_scale, er_adv_coeff=er_adv_coeff, aux_hidden=aux_hidden, aux_dropout=aux_dropout,
             aux_lr_scale=aux_lr_scale, domain_head_aggregation=domain_head_aggregation, warmup_rounds=warmup_rounds,
             **kwargs,

@@ -29,7 +29,8 @@ class drops out of the calibrated softmax) vs 1 in the official code (a missing 
 with one sample and its logit keeps being pushed down). It applies to local training and to the balanced-loss
 stage 1 of the local adaptation. ``etf_basis``: the ETF's orthonormal U is the QR of a Gaussian draw by default
 (the paper only asks for an orthonormal basis), of a U[0, 1) draw in the official code (:func:`etf_basis`).
-Deviations: the ETF's U comes from a generator seeded by the experiment seed instead of numpy's global RNG. Local adaptation runs at every evaluation (the paper runs it once after
+Deviations: the ETF's U comes from a generator seeded by the experiment seed instead of numpy's global RNG. Local
+adaptation runs at every evaluation (the paper runs it once after
 training). Stage 2 uses cached frozen-body features: the official code re-runs the frozen body on augmented
 batches in train mode (batch BatchNorm statistics, running statistics still updated), which changes the inputs
 of the same optimisation problem only by augmentation and BatchNorm noise and costs a full forward pass per step

@@ -116,7 +116,8 @@ def test_flagship_without_pretrained_weights_explains_how_to_provide_them(tmp_pa
 @pytest.mark.parametrize("args, needle", [
     (["--data.domain_layout", "ring"], "unknown domain_layout 'ring'; valid: per_domain, clients_per_domain"),
     (["--data.target_domain", "mars"], "unknown target_domain 'mars' for digits_dg; valid: plain, textured"),
-    (["--method.init_args.qt", "oracle"], "unknown qt 'oracle'; valid: domain_heads, global_teacher, momentum_teacher (in FedTAIL"),
+    (["--method.init_args.qt", "oracle"],
+     "unknown qt 'oracle'; valid: domain_heads, global_teacher, momentum_teacher (in FedTAIL"),
 ])
 def test_bad_domain_settings_exit_2_with_one_line(tmp_path, capsys, args, needle):
     assert main(["fit", "--config", DIGITS_DG, "--run_dir", str(tmp_path), *args, *QUIET]) == 2
