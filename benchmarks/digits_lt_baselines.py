@@ -12,7 +12,8 @@ run's "mean of the last 10 evaluated rounds".
 
 A method name with the suffix ``@bn`` runs on the CNN with BatchNorm layers (``model.kwargs.norm: batch``, the
 FedBN paper's CNN): FedBN only differs from FedAvg on a model with norm layers, so its row is ``fedbn@bn`` and
-``fedavg@bn`` is the reference on the same backbone.
+``fedavg@bn`` is the reference on the same backbone. The suffix ``@code`` runs the method with the arguments of
+its ``released_code`` (what the authors' released code did; docs/paper_vs_code.md), e.g. ``creff@code``.
 
 Finished runs (``final.json`` present) are reused, so an interrupted sweep continues where it stopped.
 """
@@ -39,15 +40,34 @@ LOCAL = ["--method.init_args.lr", "0.05", "--method.init_args.momentum", "0.5",
          "--method.init_args.local_epochs", "2", "--method.init_args.batch_size", "16"]
 
 
+def released_code_args(method: str) -> list[str]:
+    """``--method.init_args.<arg> <value>`` for every argument of the method's ``released_code``."""
+    import yaml
+
+    import fedlt.methods  # noqa: F401  (registers every method)
+    from fedlt.methods.base import METHODS
+
+    code = METHODS.get(method).released_code
+    if not code:
+        raise SystemExit(f"{method} declares no released_code")
+    out: list[str] = []
+    for arg, value in code.items():
+        text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        out += [f"--method.init_args.{arg}", text]
+    return out
+
+
 def run_one(row: str, seed: int, rounds: int, root: Path) -> dict:
     """Runs (or reuses) one (method[@bn], seed) and returns its final report."""
     from fedlt.cli import main
 
     method, _, variant = row.partition("@")
-    if variant not in ("", "bn"):
-        raise SystemExit(f"unknown variant {variant!r} in {row!r} (only '@bn')")
+    if variant not in ("", "bn", "code"):
+        raise SystemExit(f"unknown variant {variant!r} in {row!r} ('@bn' or '@code')")
     model = ["--model.kwargs", "{norm: batch}"] if variant == "bn" else []
-    name = f"{method}-bn-s{seed}" if variant else f"{method}-s{seed}"
+    if variant == "code":
+        model = released_code_args(method)
+    name = f"{method}-{variant}-s{seed}" if variant else f"{method}-s{seed}"
     run_dir = root / name
     final = run_dir / "final.json"
     if not final.exists():
@@ -74,7 +94,9 @@ def _cell(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[dict]], seeds: list[int], rounds: int, command: str,
-          title: str = "Baselines on embedded digits-LT") -> str:
+          title: str = "Baselines on embedded digits-LT", old: str = "") -> str:
+    """The results table; with ``old`` (an existing table), the rows of methods not in ``results`` are copied
+    from it, marked "(kept)", in their old order, and the new rows replace or follow them."""
     lines = [
         f"# {title}",
         "",
@@ -90,9 +112,19 @@ def table(results: dict[str, list[dict]], seeds: list[int], rounds: int, command
         "| method | " + " | ".join(c for c, _ in COLUMNS) + " |",
         "|---|" + "---|" * len(COLUMNS),
     ]
+    rows: dict[str, str] = {}
+    for line in old.split(NOTES)[0].splitlines():
+        name = line.split("|")[1].strip().removesuffix(" (kept)") if line.startswith("| ") else ""
+        if name and name != "method":
+            rows[name] = line if line.startswith(f"| {name} (kept) |") else line.replace(f"| {name} |",
+                                                                                         f"| {name} (kept) |", 1)
     for method, reports in results.items():
         cells = [_cell([r["mean_last"].get(k, float("nan")) for r in reports]) for _, k in COLUMNS]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        rows[method] = f"| {method} | " + " | ".join(cells) + " |"
+    lines += rows.values()
+    if any("(kept) |" in r for r in rows.values()):
+        lines += ["", "Rows marked (kept) were not re-run: copied from the previous version of this file (same "
+                  "protocol and seeds; the method's code and defaults did not change since)."]
     return "\n".join(lines) + "\n"
 
 
@@ -104,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-root", type=Path, default=ROOT / "runs" / "digits_lt_baselines")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "digits_lt_baselines.md")
     p.add_argument("--title", default="Baselines on embedded digits-LT")
+    p.add_argument("--keep", action="store_true", help="copy the rows of the other methods from the existing table")
     args = p.parse_args(argv)
     results = {m: [run_one(m, s, args.rounds, args.run_root) for s in args.seeds] for m in args.methods}
     command = "python benchmarks/digits_lt_baselines.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -112,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = ""
     if args.out.exists() and NOTES in args.out.read_text():
         notes = "\n" + NOTES + args.out.read_text().split(NOTES, 1)[1]
-    args.out.write_text(table(results, args.seeds, args.rounds, command.strip(), args.title) + notes)
+    old = args.out.read_text() if args.keep and args.out.exists() else ""
+    args.out.write_text(table(results, args.seeds, args.rounds, command.strip(), args.title, old) + notes)
     print(args.out.read_text())
     return 0
 
