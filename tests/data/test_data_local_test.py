@@ -1,4 +1,4 @@
-"""Tests of fedlt.data.local_test (methods.md 1.5, T-A)."""
+"""Tests of fedlt.data.local_test (docs/reference.md 1.5, T-A)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of fedlt.data.longtail against methods.md 1.2 / 1.6 tables and hand-worked cases."""
+"""Tests of fedlt.data.longtail against docs/reference.md 1.2 / 1.6 tables and hand-worked cases."""
 
 from __future__ import annotations
 
@@ -109,9 +109,9 @@ def test_counts_convention_boundaries() -> None:
 
 
 def test_fedpurel_convention_puts_exactly_20_in_few() -> None:
-    # FedPuReL / FedSM code: many n > 100, medium 20 < n <= 100, few n <= 20 (methods.md 1.6).
+    # FedPuReL / FedSM code: many n > 100, medium 20 < n <= 100, few n <= 20 (docs/reference.md 1.6).
     assert class_groups(np.array([101, 100, 21, 20, 0]), "fedpurel").tolist() == [0, 1, 1, 2, 2]
-    # methods.md 1.6 table: CIFAR-100 IF 50 -> 41/40/19 and IF 100 -> 35/34/31 with the <= 20 rule.
+    # docs/reference.md 1.6 table: CIFAR-100 IF 50 -> 41/40/19 and IF 100 -> 35/34/31 with the <= 20 rule.
     for imbalance_factor, sizes in ((50, (41, 40, 19)), (100, (35, 34, 31))):
         counts = longtail_counts(500, 100, imbalance_factor)
         assert tuple(np.bincount(class_groups(counts, "fedpurel"), minlength=3)) == sizes

@@ -1,4 +1,4 @@
-"""Tests of fedlt.data.partition (methods.md 1.3 invariants)."""
+"""Tests of fedlt.data.partition (docs/reference.md 1.3 invariants)."""
 
 from __future__ import annotations
 
@@ -190,8 +190,8 @@ def test_dirichlet_prior_equal_sizes_and_prior_limit():
 
 
 def test_grouped_dirichlet_is_equal_sized_skewed_and_follows_the_groups() -> None:
-    """P-C (CReFF / CLIP2FL / FedSM, methods.md 1.3 and Appendix R S18): equal client sizes, every sample placed once,
-    label skew from the per-group Dirichlet, deterministic given the seed."""
+    """P-C (CReFF / CLIP2FL / FedSM, docs/reference.md 1.3 and Appendix R S18): equal client sizes, every sample
+    placed once, label skew from the per-group Dirichlet, deterministic given the seed."""
     from fedlt.data import grouped_dirichlet_partition
 
     labels = np.repeat(np.arange(10), longtail_counts(500, 10, 10))

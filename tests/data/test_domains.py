@@ -1,5 +1,5 @@
-"""Leave-one-domain-out (methods.md 1.8): ``leave_one_domain_out`` on hand-made domain data whose every image has a
-file name encoding its domain, and ``FederatedDataset`` on multi-domain sources (a fake source whose pixels encode
+"""Leave-one-domain-out (docs/reference.md 1.8): ``leave_one_domain_out`` on hand-made domain data whose every image
+has a file name encoding its domain, and ``FederatedDataset`` on multi-domain sources (a fake source whose pixels encode
 the image index, and the embedded digits_dg)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""FedPuReL's data protocols: partitions P-E / P-F (methods.md 1.3) and local test sets T-B..T-E (methods.md 1.5)."""
+"""FedPuReL's data protocols: partitions P-E / P-F (docs/reference.md 1.3) and local test sets T-B..T-E
+(docs/reference.md 1.5)."""
 
 from __future__ import annotations
 

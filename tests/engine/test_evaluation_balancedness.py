@@ -1,4 +1,4 @@
-"""The Evaluator feeds predicted labels to the GM and PM metrics so that the balancedness candidates (methods.md
+"""The Evaluator feeds predicted labels to the GM and PM metrics so that the balancedness candidates (docs/reference.md
 1.7) come out of every path: the fast PM path (global predictions read off by index), the per-client path and the
 per-client masked path (FedLoGe's mask_absent_classes). A stub simulator with a fixed prediction table is enough."""
 

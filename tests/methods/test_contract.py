@@ -1,5 +1,5 @@
-"""The method contract suite (DESIGN.md section 9), parametrized over the registry: a new method file with its
-``configs/method/<name>.yaml`` is covered automatically."""
+"""The method contract suite (docs/architecture.md section 9), parametrized over the registry: a new method file with
+its ``configs/method/<name>.yaml`` is covered automatically."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FedLoGe invariants (methods.md 2.7): SSE-C geometry, frozen SSE-C, detached heads, local heads never uploaded,
+"""FedLoGe invariants (docs/reference.md 2.7): SSE-C geometry, frozen SSE-C, detached heads, local heads never uploaded,
 GA-FR / LA-FR norms, PM logits, the post-training realignment and absent-class masking."""
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def test_mask_zeroes_exactly_floor_beta_d_c_entries_globally():
 @pytest.mark.parametrize("c", [10, pytest.param(100, marks=pytest.mark.slow)])
 def test_sse_c_after_optimisation_paper_geometry(c):
     """d = 512 (the CIFAR ResNets), beta = 0.6, gamma = 1, the code's 10,000 Adam steps at lr 1e-4.
-    Tolerances of methods.md 2.7, calibrated once on these (d, C): norms within 1e-3 of gamma, mean angle within 1
-    degree of the ETF angle, angle std <= 1.5 degrees, minimum angle >= ETF - 3 degrees."""
+    Tolerances of docs/reference.md 2.7, calibrated once on these (d, C): norms within 1e-3 of gamma, mean angle
+    within 1 degree of the ETF angle, angle std <= 1.5 degrees, minimum angle >= ETF - 3 degrees."""
     w, mask = build_sse_c(512, c, beta=0.6, gamma=1.0, steps=10_000, lr=1e-4,
                           generator=torch.Generator().manual_seed(0))
     assert torch.equal(w == 0, mask == 0)  # the zero pattern is exactly the mask

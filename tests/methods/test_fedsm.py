@@ -1,4 +1,4 @@
-"""FedSM invariants (methods.md 5.4 as updated by Appendix R section 1): relevance matrix, selection rules, mixup
+"""FedSM invariants (docs/reference.md 5.4 as updated by Appendix R section 1): relevance matrix, selection rules, mixup
 segment, head-only re-training, KD term, global prototypes, eval-only head, teacher outside the federated state, and
 the pluggable relevance encoders (the sentence encoder for real, offline)."""
 

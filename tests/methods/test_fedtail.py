@@ -1,4 +1,4 @@
-"""FedTAIL invariants (methods.md 6.4) and its building blocks.
+"""FedTAIL invariants (docs/reference.md 6.4) and its building blocks.
 
 1. the coherence penalty's double backward on a toy quadratic (linear / hinge / cos);
 2. power iteration against explicit Hessians, gamma_c monotone and normalised;

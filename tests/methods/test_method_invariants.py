@@ -1,4 +1,4 @@
-"""Invariants that catch wrong implementations of the first methods (DESIGN.md section 9)."""
+"""Invariants that catch wrong implementations of the first methods (docs/architecture.md section 9)."""
 
 from __future__ import annotations
 

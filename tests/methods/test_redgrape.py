@@ -1,5 +1,6 @@
-"""RedGrape invariants (methods.md 3.9): closed-form prototypes, detached balanced loss, norm matching, lambda = 0 is
-FedAvg on (W + W^) h, the server prototype rule, full-balanced clients never read prototypes, inference without W^;
+"""RedGrape invariants (docs/reference.md 3.9): closed-form prototypes, detached balanced loss, norm matching, lambda
+= 0 is FedAvg on (W + W^) h, the server prototype rule, full-balanced clients never read prototypes, inference without
+W^;
 plus one-step updates by hand for both update rules."""
 
 from __future__ import annotations

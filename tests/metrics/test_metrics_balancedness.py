@@ -1,4 +1,4 @@
-"""FedPuReL balancedness candidates (methods.md 1.7, definition pending): hand-worked GM and PM values, nan
+"""FedPuReL balancedness candidates (docs/reference.md 1.7, definition pending): hand-worked GM and PM values, nan
 handling, the ``balancedness`` alias, the ``balancedness(kind=...)`` selector and exact sync of the count states."""
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ def test_small_images_rejected() -> None:
 
 
 def test_resnet8_fedsm_layout() -> None:
-    """FedSM's CIFAR backbone (methods.md Appendix R S17): 64/128/256 widths, one block per stage, a linear 256 -> 512
-    projection without activation, then the classifier."""
+    """FedSM's CIFAR backbone (docs/reference.md Appendix R S17): 64/128/256 widths, one block per stage, a linear
+    256 -> 512 projection without activation, then the classifier."""
     torch.manual_seed(0)
     m = build_model("resnet8_fedsm", num_classes=10)
     assert m.num_features == 512 and m.head.in_features == 512
