@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--clients", type=int, default=100)
-    parser.add_argument("--peft", default="prompt", choices=["prompt", "lora", "adapter"])
+    parser.add_argument("--peft", default="prompt", choices=["prompt", "lora", "adapter", "attention_adapter"])
     parser.add_argument("--method", default="fedpurel")
     parser.add_argument("--samples-per-client", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
