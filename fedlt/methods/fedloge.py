@@ -49,6 +49,9 @@ Released code (``FedLoGe.released_code``; docs/paper_vs_code.md; the ``configs/p
 it): ``etf_basis="uniform"``: the paper's P is a random orthogonal matrix; the code takes the Q factor of a
 U[0, 1) matrix (numpy's ``random.random``), fedlt's default that of a Gaussian one. Both give an orthonormal P and
 a simplex ETF; the uniform draw has a non-zero mean, so the first column of its P has all entries of one sign.
+``gamma=0.1``: the code's SSE-C objective pulls the column norms to 0.1 (the paper: 1.0 on CIFAR).
+``sse_bias="random_frozen"``: the code's SSE-C head keeps nn.Linear's initial bias, never trained.
+``ga_fr_scale=1.7``: the code's GA-FR rescales the rows of psi to norm 1.7 (the paper: unit norm).
 
 Deviations / reconstructed choices: the ``loss`` argument applies to L_theta only (cross-entropy by default, as in
 the paper); the auxiliary and local heads always use cross-entropy. Every client's local head starts from the same
@@ -197,7 +200,8 @@ class FedLoGe(FedAvg):
     automatic_optimization = False
     personal_prefixes = (_LOCAL,)
     # The official code's values (github ZackZikaiXiao/FedLoGe, util/etf_methods.py).
-    released_code: ClassVar[dict[str, Any]] = {"etf_basis": "uniform"}
+    released_code: ClassVar[dict[str, Any]] = {"etf_basis": "uniform", "gamma": 0.1, "sse_bias": "random_frozen",
+                                               "ga_fr_scale": 1.7}
 
     def __init__(self, beta: float = 0.6, gamma: float = 1.0, sse_steps: int = 10_000, sse_lr: float = 1e-4,
                  sse_bias: str = "none", ga_fr_scale: float = 1.0, la_fr_source: str = "raw_psi",

@@ -293,3 +293,22 @@ def test_rejects_bad_arguments():
     net = build_model("cnn", data.num_classes, data.in_channels, data.image_size, channels=(4, 8), hidden=8)
     with pytest.raises(ValueError, match="d >= C"):
         Simulator(None, data, net, FedLoGe(sse_steps=0), rounds=1, clients_per_round=1).setup()
+
+
+def test_random_frozen_sse_bias_is_a_fixed_default_init_bias_drawn_after_the_sse_c():
+    """``sse_bias="random_frozen"`` (the released code's untrained nn.Linear bias): U(-1/sqrt(d), 1/sqrt(d)) drawn
+    from the SSE-C generator right after the SSE-C, used in the SSE-C logits and never trained or averaged."""
+    sim = tiny_sim(_fedloge(sse_bias="random_frozen"), rounds=2, clients_per_round=4)
+    d, c = sim.model.num_features, sim.data.num_classes
+    gen = seeded_generator(sim.method.run.seed, "fedloge-sse-c")
+    build_sse_c(d, c, 0.6, 1.0, 50, 1e-4, gen, torch.device("cpu"), "gaussian")
+    bound = 1.0 / math.sqrt(d)
+    ref = torch.rand(c, generator=gen) * 2 * bound - bound
+    bias = sim.model.sse.bias.clone()
+    torch.testing.assert_close(bias, ref)
+    assert float(bias.abs().max()) <= bound
+    h = torch.randn(3, d)
+    torch.testing.assert_close(sim.model.sse(h), h @ sim.model.sse.weight.t() + bias)
+    run(sim)
+    assert torch.equal(sim.global_state["sse.bias"], bias) and torch.equal(sim.model.sse.bias, bias)
+    assert tiny_sim(_fedloge(), rounds=1).model.sse.bias is None  # the paper's SSE-C has no bias
