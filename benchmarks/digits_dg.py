@@ -15,8 +15,9 @@ Finished runs (``domains.json`` present) are reused, so an interrupted sweep con
 finished run's numbers are also recorded in ``benchmarks/results/digits_dg.json`` (with the fedlt commit that made
 them); a row and seed found there is not re-run (``--rerun`` forces it), so a sweep can be spread over machines or
 sessions by committing that file, and the table is rebuilt from it (a row shows the seeds recorded so far).
-``--keep`` copies the lines of rows that are not run from the existing table (marked "(kept)"): for rows whose
-method and config did not change since that table was made, so only the changed rows need to be re-run.
+``--keep`` copies the lines of rows without records from the existing table (marked "(kept)"): for rows whose
+method and config did not change since that table was made (never the FedTAIL rows), so only the changed rows need
+to be re-run.
 """
 
 from __future__ import annotations
@@ -93,13 +94,28 @@ def run_one(row: str, seed: int, root: Path) -> dict:
         t0 = time.time()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(args, env=env, capture_output=True, text=True)
+        if proc.returncode == 2 and "diverged" in proc.stderr:  # a result, not a failure of the benchmark
+            print(f"{row} seed {seed}: diverged ({diverged_where(run_dir)})", flush=True)
+            return {"diverged": diverged_where(run_dir), "commit": _commit()}
         if proc.returncode != 0:
             raise SystemExit(f"{row} seed {seed} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
         print(f"{row} seed {seed}: {time.time() - t0:.0f} s", flush=True)
     return record(run_dir, json.loads(out.read_text()))
 
 
+def diverged_where(run_dir: Path) -> str:
+    """``"<target>, round <r>"``: the first target without a final report and the round after its last logged one."""
+    for target in DOMAINS:
+        if not (run_dir / target / "final.json").exists():
+            with open(run_dir / target / "metrics.csv") as f:
+                last = max((int(r["round"]) for r in csv.DictReader(f)), default=0)
+            return f"{target}, round {last + 1}"
+    return "unknown"
+
+
 def _cell(values: list[float]) -> str:
+    if not values:
+        return "diverged"
     if len(values) > 1:
         return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
     return f"{100 * values[0]:.1f}"
@@ -150,11 +166,18 @@ def table(results: dict[str, dict[str, dict]], seeds: list[int], command: str, n
         "| method | n | " + " | ".join(DOMAINS) + " | mean |",
         "|" + "---|" * (len(DOMAINS) + 3),
     ]
-    for row, reps in results.items():
-        per = [[r["second_half"][t] for t in DOMAINS] for r in reps.values()]
+    diverged = {(row, s): r["diverged"] for row, reps in results.items() for s, r in reps.items() if "diverged" in r}
+    finished = {row: [r for r in reps.values() if "diverged" not in r] for row, reps in results.items()}
+
+    def count(row: str) -> str:
+        bad = sum(1 for r, _ in diverged if r == row)
+        return f"{len(finished[row])}" + (f" (+{bad} diverged)" if bad else "")
+
+    for row, reps in finished.items():
+        per = [[r["second_half"][t] for t in DOMAINS] for r in reps]
         cells = [_cell([p[i] for p in per]) for i in range(len(DOMAINS))]
         cells.append(_cell([sum(p) / len(p) for p in per]))
-        lines.append(f"| {ROWS[row][0]} | {len(reps)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ROWS[row][0]} | {count(row)} | " + " | ".join(cells) + " |")
     lines += [k[0] for k in kept.values()]
     lines += [
         "",
@@ -164,10 +187,14 @@ def table(results: dict[str, dict[str, dict]], seeds: list[int], command: str, n
         "| method | n | last round | val-selected | whole run | few (2nd half) |",
         "|---|---|---|---|---|---|",
     ]
-    for row, reps in results.items():
-        cells = [_cell([r[k] for r in reps.values()]) for k in ("final", "val_selected", "mean_last", "few")]
-        lines.append(f"| {ROWS[row][0]} | {len(reps)} | " + " | ".join(cells) + " |")
+    for row, reps in finished.items():
+        cells = [_cell([r[k] for r in reps]) for k in ("final", "val_selected", "mean_last", "few")]
+        lines.append(f"| {ROWS[row][0]} | {count(row)} | " + " | ".join(cells) + " |")
     lines += [k[1] for k in kept.values()]
+    if diverged:
+        lines += ["", "Diverged runs (the run stopped with a non-finite or exploding client update; the cells average "
+                  "the other seeds): " + "; ".join(f"{ROWS[r][0]}, seed {s}: {w}" for (r, s), w in diverged.items())
+                  + "."]
     if kept:
         lines += ["", "Rows marked (kept) were not re-run: copied from the previous version of this file (same method, "
                   "config and seeds)."]
@@ -202,11 +229,15 @@ def main(argv: list[str] | None = None) -> int:
             if not a.table_only and (a.rerun or str(s) not in recorded.get(row, {}))]
     with ThreadPoolExecutor(max_workers=a.jobs) as pool:
         list(pool.map(lambda rs: job(*rs), jobs))
+    # Every row with recorded runs is shown (not only the ones run now); --keep adds old lines of the others.
     results = {row: {s: recorded[row][s] for s in sorted(recorded[row], key=int) if int(s) in a.seeds}
-               for row in a.rows if recorded.get(row)}
+               for row in ROWS if recorded.get(row)}
+    results = {row: reps for row, reps in results.items() if reps}
     old = out.read_text() if out.exists() else ""
     notes = old[old.index(NOTES):] if NOTES in old else f"{NOTES}\n\n(none yet)\n"
-    kept = {row: kept_lines(old, row) for row in ROWS if row not in a.rows} if a.keep else {}
+    # FedTAIL rows are never kept: its adversarial term is on by default since this table's last full run.
+    kept = {row: kept_lines(old, row) for row in ROWS
+            if row not in results and not row.startswith("fedtail") and f"| {ROWS[row][0]} " in old} if a.keep else {}
     command = "python benchmarks/digits_dg.py" + ("" if a.rows == list(ROWS) else " --rows " + " ".join(a.rows)) + (
         "" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + (" --keep" if a.keep else "")
     out.parent.mkdir(parents=True, exist_ok=True)
