@@ -278,7 +278,8 @@ def test_fedloge_builds_its_sse_c_on_the_chosen_basis(basis):
     u = _hand_basis(d, c, seeded_generator(sim.method.run.seed, "fedloge-sse-c"), basis)
     etf = math.sqrt(c / (c - 1)) * u @ (torch.eye(c, dtype=torch.float64) - 1.0 / c)
     torch.testing.assert_close(sim.model.sse.weight, etf.float().t())
-    assert FedLoGe.released_code == {"etf_basis": "uniform"}
+    assert FedLoGe.released_code == {"etf_basis": "uniform", "gamma": 0.1, "sse_bias": "random_frozen",
+                                     "ga_fr_scale": 1.7}
     with pytest.raises(ValueError, match="etf_basis"):
         FedLoGe(etf_basis="normal")
 

@@ -431,7 +431,7 @@ def test_adapter_fusion_only_defaults_to_the_papers_stage2_loss(tmp_path):
 
 
 def test_adapter_stage2_uses_the_fused_ce_only(tmp_path):
-    sim = _sim(tmp_path, peft="adapter")
+    sim = _sim(tmp_path, "--method.init_args.adapter_fusion_only", "true", peft="adapter")
     m = sim.method
     assert m.stage2_lambda == 0.0
     x, y = _batch(sim, 3)
