@@ -132,6 +132,26 @@ def head_top_eigenvalue(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
     return exact_top_eigenvalue(loss, torch.cat([w.reshape(-1), b]))
 
 
+def adversarial_reference(net, x, y, disc_in, disc_labels, kappa, adv_w, alpha):
+    """By hand, without a gradient-reversal layer: the expected gradients of (fc, head, dg_disc) for one step of
+    L_cls - kappa adv_w grad_theta L_D + L_coh, L_coh = -alpha <grad_theta L_cls, -kappa adv_w grad_theta L_D>, where
+    the discriminator sees ``disc_in(h)`` with ``disc_labels``. Returns (expected, L_D, L_coh)."""
+    theta = [net.fc.weight, net.fc.bias]
+    phi = [net.head.weight, net.head.bias]
+    psi = list(net.dg_disc.parameters())
+    h = net.forward_features(x)
+    l_cls = F.cross_entropy(net.head(h), y)
+    l_d = F.cross_entropy(net.dg_disc(disc_in(h)), disc_labels)
+    g_cls = torch.autograd.grad(l_cls, theta, create_graph=True)
+    g_adv = [-kappa * adv_w * g for g in torch.autograd.grad(l_d, theta, create_graph=True)]
+    l_coh = -alpha * sum((a * b).sum() for a, b in zip(g_cls, g_adv))
+    g_coh = torch.autograd.grad(l_coh, theta + phi, retain_graph=True)
+    g_clean = torch.autograd.grad(l_cls, theta + phi, retain_graph=True)
+    g_psi = [adv_w * g for g in torch.autograd.grad(l_d, psi)]
+    expected = [a + b + (g_adv[i] if i < 2 else 0) for i, (a, b) in enumerate(zip(g_clean, g_coh))] + g_psi
+    return expected, l_d, l_coh
+
+
 # -- invariant 1: coherence double backward ----------------------------------------------------------------------
 def _quadratic_pair(seed: int = 0):
     """theta in two parts (2 + 3 entries), symmetric A, B and the gradients of L1, L2 with their graphs."""
@@ -591,20 +611,9 @@ def test_federated_adversarial_step_by_hand_with_shared_moments():
     assert torch.all(dom == 0)
     net = copy.deepcopy(sim.model)
     out = method.training_step((x, y, dom), ctx)
-    theta = [net.fc.weight, net.fc.bias]
-    phi = [net.head.weight, net.head.bias]
-    psi = list(net.dg_disc.parameters())
-    h = net.forward_features(x)
     z = (y.float() + 10.0)[:, None].expand(-1, d)  # domain 1's class means, every class is available there
-    l_cls = F.cross_entropy(net.head(h), y)
-    l_d = F.cross_entropy(net.dg_disc(torch.cat([h, z])), torch.cat([dom, torch.ones_like(dom)]))
-    g_cls = torch.autograd.grad(l_cls, theta, create_graph=True)
-    g_adv = [-kappa * adv_w * g for g in torch.autograd.grad(l_d, theta, create_graph=True)]
-    l_coh = -alpha * sum((a * b).sum() for a, b in zip(g_cls, g_adv))
-    g_coh = torch.autograd.grad(l_coh, theta + phi, retain_graph=True)
-    g_clean = torch.autograd.grad(l_cls, theta + phi, retain_graph=True)
-    g_psi = [adv_w * g for g in torch.autograd.grad(l_d, psi)]
-    expected = [a + b + (g_adv[i] if i < 2 else 0) for i, (a, b) in enumerate(zip(g_clean, g_coh))] + g_psi
+    expected, l_d, l_coh = adversarial_reference(net, x, y, lambda h: torch.cat([h, z]),
+                                                 torch.cat([dom, torch.ones_like(dom)]), kappa, adv_w, alpha)
     torch.testing.assert_close(out.parts["adv"], l_d.detach())
     torch.testing.assert_close(out.parts["coh"], l_coh.detach())
     assert float(l_coh.abs()) > 0
@@ -739,16 +748,7 @@ def test_adversarial_step_by_hand_with_reversal_and_coherence():
     theta = [net.fc.weight, net.fc.bias]
     phi = [net.head.weight, net.head.bias]
     psi = list(net.dg_disc.parameters())
-    h = net.forward_features(x)
-    l_cls = F.cross_entropy(net.head(h), y)
-    l_d = F.cross_entropy(net.dg_disc(h), dom)
-    g_cls = torch.autograd.grad(l_cls, theta, create_graph=True)
-    g_adv = [-kappa * adv_w * g for g in torch.autograd.grad(l_d, theta, create_graph=True)]
-    l_coh = -alpha * sum((a * b).sum() for a, b in zip(g_cls, g_adv))
-    g_coh = torch.autograd.grad(l_coh, theta + phi, retain_graph=True)
-    g_clean = torch.autograd.grad(l_cls, theta + phi, retain_graph=True)
-    g_psi = [adv_w * g for g in torch.autograd.grad(l_d, psi)]
-    expected = [a + b + (g_adv[i] if i < 2 else 0) for i, (a, b) in enumerate(zip(g_clean, g_coh))] + g_psi
+    expected, l_d, l_coh = adversarial_reference(net, x, y, lambda h: h, dom, kappa, adv_w, alpha)
     assert float(l_coh.abs()) > 0
     torch.testing.assert_close(out.parts["coh"], l_coh.detach())
     torch.testing.assert_close(out.parts["adv"], l_d.detach())
