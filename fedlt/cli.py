@@ -323,8 +323,19 @@ def _guarded(command: str, rest: Sequence[str]) -> int:
         print("fedlt: interrupted", file=sys.stderr)
         return 130
     finally:
+        _shutdown_distributed()
         if flag is not None:
             flag.uninstall()
+
+
+def _shutdown_distributed() -> None:
+    """Destroys the process group of a multi-process run before the interpreter exits. Without it, gloo's worker
+    threads outlive the interpreter's finalization and the process can abort (SIGABRT, "terminate called without an
+    active exception") after its work is done, turning a finished run into a failed exit status. Destroying a group
+    is local to each rank (no collective), so it is safe on the error path too."""
+    dist = sys.modules.get("torch.distributed")  # not imported: nothing was launched (and a usage error stays fast)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def entrypoint() -> None:
