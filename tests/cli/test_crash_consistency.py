@@ -115,14 +115,16 @@ class _Reference:
         self.key = (method, store, ranks)
         self.proc = None
         if self.key not in _REFERENCES:
-            self.run = tmp_path_factory.mktemp("reference") / "run"
-            self.proc = subprocess.Popen(_argv(self.run, method, store, ranks), stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True, env=_env())
+            base = tmp_path_factory.mktemp("reference")
+            self.run, self.log = base / "run", base / "output.log"
+            with self.log.open("w") as log:  # a file, not a pipe: nobody reads it while the killed run goes on
+                self.proc = subprocess.Popen(_argv(self.run, method, store, ranks), stdout=log,
+                                             stderr=subprocess.STDOUT, env=_env())
 
     def result(self) -> dict:
         if self.proc is not None:
-            out, _ = self.proc.communicate(timeout=300)
-            assert self.proc.returncode == 0, out[-3000:]
+            self.proc.wait(timeout=300)
+            assert self.proc.returncode == 0, self.log.read_text()[-3000:]
             _REFERENCES[self.key] = _outcome(self.run)
             self.proc = None
         return _REFERENCES[self.key]

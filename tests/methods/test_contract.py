@@ -140,15 +140,21 @@ def ddp_results(tmp_path_factory):
             [sys.executable, str(Path(__file__).with_name("ddp_worker.py")), str(out), str(world), str(cohort),
              *NAMES], stdout=log, stderr=subprocess.STDOUT, text=True,
             env={**env, "MASTER_PORT": str(_free_port())})))
-    for log, proc in procs:
-        with log:
-            try:
-                rc = proc.wait(timeout=1200)
-            except subprocess.TimeoutExpired:
+    try:
+        for log, proc in procs:
+            with log:
+                try:
+                    rc = proc.wait(timeout=1200)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    rc = proc.wait()
+                log.seek(0)
+                assert rc == 0, log.read()[-8000:]
+    finally:  # a failed launch must not leave the others running
+        for _, proc in procs:
+            if proc.poll() is None:
                 proc.kill()
-                rc = proc.wait()
-            log.seek(0)
-            assert rc == 0, log.read()[-8000:]
+                proc.wait()
     return base
 
 
