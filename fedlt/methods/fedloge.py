@@ -27,9 +27,10 @@ psi, weighted by n_k. Server: FedAvg of theta and psi; psi_S unchanged; phi_k of
 
 Realignment (pure functions of the current heads):
 - GA-FR (GM): psi'_c = ``ga_fr_scale`` psi_c / ||psi_c||, the bias b_psi kept; GM logits psi' h + b_psi.
-- LA-FR (PM): phi'_{k,c} = src_c ||phi_{k,c}|| with src = raw psi (``la_fr_source="raw_psi"``, code) or psi'
-  (``"ga_fr_psi"``), bias b_psi; PM logits phi_k(h) + phi'_k(h) (``pm_logits="local_plus_realigned"``, code and
-  README) or phi'_k(h) (``"realigned_only"``, the paper's Algorithm 1). Optional fine-tuning of phi'_k with theta
+- LA-FR (PM): phi'_{k,c} = src_c ||phi_{k,c}|| with src = psi' (``la_fr_source="ga_fr_psi"``, default: Algorithm 1
+  runs GA-FR before LA-FR) or raw psi (``"raw_psi"``, the code), bias b_psi; PM logits phi'_k(h)
+  (``pm_logits="realigned_only"``, default: Algorithm 1 returns the realigned local head) or phi_k(h) + phi'_k(h)
+  (``"local_plus_realigned"``, the code and its README). Optional fine-tuning of phi'_k with theta
   frozen (``la_fr_finetune_epochs``, Algorithm 1 line 12; 0 in the code and by default).
 - Absent-class masking of PM (code trick, docs/reference.md 1.5) is the data protocol flag
   ``data.mask_absent_classes`` (set in the paper-table configs), applied by the evaluator to any method.
@@ -37,8 +38,8 @@ Realignment (pure functions of the current heads):
 Hyperparameters (paper symbol, default): ``beta`` (beta, sparsity ratio, 0.6), ``gamma`` (gamma, target column norm,
 1.0 = paper CIFAR; 1.6 ImageNet/iNat; the code hard-codes 0.1), ``sse_steps`` (10,000), ``sse_lr`` (1e-4),
 ``sse_bias`` (``"none"`` paper; ``"random_frozen"`` mimics the code's untrained default-initialised bias),
-``ga_fr_scale`` (1.0 paper; 1.7 code), ``la_fr_source`` (``raw_psi`` code), ``pm_logits``
-(``local_plus_realigned`` code), ``la_fr_finetune_epochs`` (0), ``gm_head`` (``ga_fr``; ``sse`` = the universal
+``ga_fr_scale`` (1.0 paper; 1.7 code), ``la_fr_source`` (``ga_fr_psi`` paper; ``raw_psi`` code), ``pm_logits``
+(``realigned_only`` paper; ``local_plus_realigned`` code), ``la_fr_finetune_epochs`` (0), ``gm_head`` (``ga_fr``; ``sse`` = the universal
 model psi_S h; ``aux`` = psi h without realignment), ``pm_head`` (``la_fr``; ``unrealigned`` = psi h + phi_k h, what
 the code logs during training), ``realign`` (``every_eval``: every evaluation uses ``gm_head``/``pm_head``, so the
 last evaluated round equals the paper's post-training numbers; ``post_training``: evaluations during training log
@@ -52,6 +53,9 @@ a simplex ETF; the uniform draw has a non-zero mean, so the first column of its 
 ``gamma=0.1``: the code's SSE-C objective pulls the column norms to 0.1 (the paper: 1.0 on CIFAR).
 ``sse_bias="random_frozen"``: the code's SSE-C head keeps nn.Linear's initial bias, never trained.
 ``ga_fr_scale=1.7``: the code's GA-FR rescales the rows of psi to norm 1.7 (the paper: unit norm).
+``la_fr_source="raw_psi"``: the code's LA-FR takes its directions from psi before GA-FR (the paper's Algorithm 1
+realigns after GA-FR). ``pm_logits="local_plus_realigned"``: the code's PM adds the local head's logits to the
+realigned head's (the paper's PM is the realigned local head alone).
 
 Deviations / reconstructed choices: the ``loss`` argument applies to L_theta only (cross-entropy by default, as in
 the paper); the auxiliary and local heads always use cross-entropy. Every client's local head starts from the same
@@ -180,8 +184,8 @@ class FedLoGe(FedAvg):
         sse_lr: Adam learning rate of the SSE-C optimisation.
         sse_bias: ``none`` (paper) or ``random_frozen`` (code artefact: U(+-1/sqrt(d)), never trained).
         ga_fr_scale: GA-FR row norm (1.0 paper, 1.7 code).
-        la_fr_source: ``raw_psi`` (code) or ``ga_fr_psi`` (Algorithm 1 order) as the LA-FR direction source.
-        pm_logits: ``local_plus_realigned`` (code) or ``realigned_only`` (paper).
+        la_fr_source: ``ga_fr_psi`` (paper, Algorithm 1 order) or ``raw_psi`` (code) as the LA-FR direction source.
+        pm_logits: ``realigned_only`` (paper) or ``local_plus_realigned`` (code).
         la_fr_finetune_epochs: epochs fine-tuning phi'_k with the backbone frozen before PM inference.
         gm_head: GM classifier: ``ga_fr``, ``sse`` (universal model) or ``aux`` (psi, no realignment).
         pm_head: PM classifier: ``la_fr`` or ``unrealigned`` (psi h + phi_k h).
@@ -201,11 +205,12 @@ class FedLoGe(FedAvg):
     personal_prefixes = (_LOCAL,)
     # The official code's values (github ZackZikaiXiao/FedLoGe, util/etf_methods.py).
     released_code: ClassVar[dict[str, Any]] = {"etf_basis": "uniform", "gamma": 0.1, "sse_bias": "random_frozen",
-                                               "ga_fr_scale": 1.7}
+                                               "ga_fr_scale": 1.7, "la_fr_source": "raw_psi",
+                                               "pm_logits": "local_plus_realigned"}
 
     def __init__(self, beta: float = 0.6, gamma: float = 1.0, sse_steps: int = 10_000, sse_lr: float = 1e-4,
-                 sse_bias: str = "none", ga_fr_scale: float = 1.0, la_fr_source: str = "raw_psi",
-                 pm_logits: str = "local_plus_realigned", la_fr_finetune_epochs: int = 0, gm_head: str = "ga_fr",
+                 sse_bias: str = "none", ga_fr_scale: float = 1.0, la_fr_source: str = "ga_fr_psi",
+                 pm_logits: str = "realigned_only", la_fr_finetune_epochs: int = 0, gm_head: str = "ga_fr",
                  pm_head: str = "la_fr", realign: str = "every_eval", etf_basis: str = "gaussian",
                  **kwargs) -> None:
         super().__init__(**kwargs)

@@ -22,14 +22,15 @@ on one graph); purification g~ = g_task - lambda_proj <g_task, g_align> / ||g_al
 [paper]; the code tests the cosine, whose sign is the inner product's. The step uses g~ only (g_align is a direction
 constraint, never added [code]); SGD lr 1e-3, momentum 0.9, weight decay 5e-4 (Dassl defaults [code]).
 Server (4.4): sample-weighted FedAvg of phi_g only (the reducer's state holds exactly the ``peft.global.*``
-tensors). Round 1 trains every client [code]; later rounds the engine's uniform cohort (trainer.clients_per_round,
-floor(q K) in the paper's notation).
+tensors). Every round trains the engine's uniform cohort (trainer.clients_per_round, floor(q K) in the paper's
+notation); ``full_first_round=True`` trains every client in round 1 [code].
 Stage 2 (4.5): phi_k minimises L_k = (1 - lambda) CE(l_G + l_P^k, y) + lambda CE(l_P^k, y), with l_G computed with
 phi_g frozen (no grad, eval mode); plain SGD lr 1e-3 without momentum or weight decay, a fresh optimizer [code].
-``stage2="interleaved"`` [code]: in every round, after the server step, each client of the cohort trains phi_k for
-``stage2_epochs`` epochs against the new phi_g^t (the engine's ``after_aggregation`` pass). ``stage2="post_hoc"``
-[paper text]: after the last round every client trains phi_k for ``stage2_epochs`` epochs against the final phi_g
-(``on_fit_end``; a ``post_training`` evaluation follows; the per-round PM before it uses the initial phi_k). Stage 2
+``stage2="post_hoc"`` [paper text, default]: after the last round every client trains phi_k for ``stage2_epochs``
+epochs against the final, frozen phi_g (``on_fit_end``; a ``post_training`` evaluation follows; the per-round PM
+before it uses the initial phi_k). ``stage2="interleaved"`` [code]: in every round, after the server step, each
+client of the cohort trains phi_k for ``stage2_epochs`` epochs against the new phi_g^t (the engine's
+``after_aggregation`` pass). Stage 2
 always uses plain cross-entropy (the ``loss`` argument only replaces L_task).
 Inference (4.6): GM = l_G; PM (client k) = l_G + l_P^k (image features computed once for prompt PEFT, per branch for
 LoRA / adapter). The zero-shot model is not used at inference.
@@ -41,7 +42,7 @@ diagnostic TKL in both directions, one bisection), ``train/loss_conflict`` (frac
 tensors, or the whole vector -- that were projected).
 
 Hyperparameters (paper symbol): ``lam`` (lambda, 0.9 [paper, ablated best]; 0.99 [code, README]), ``lambda_proj``
-(projection strength, 1), ``purification`` (per_tensor [code] | global [paper]), ``tkl_iters`` / ``tau_min`` /
+(projection strength, 1), ``purification`` (global [paper, default] | per_tensor [code]), ``tkl_iters`` / ``tau_min`` /
 ``tau_max`` (bisection: 20 iterations on [0.05, 20] [code]), ``align_direction`` (teacher_first [code] | reverse),
 ``alignment`` (tkl | kl: the plain-KL ablation of the paper | soft_ce), ``adapter_alignment``,
 ``share_optimizer_state``, ``full_first_round``, ``stage2``, ``stage2_epochs``, ``stage2_lr`` /
@@ -53,6 +54,11 @@ LoRA rank 8 / alpha 16 / dropout 0.25, ``lora_scaling``, ``template_set``) belon
 Paper vs released code (``FedPuReL.released_code`` holds the code's values of the method arguments; the
 ``configs/paper/fedpurel_*.yaml`` files set them and the model options below; docs/paper_vs_code.md):
 - ``lam``: 0.9 (paper, ablated best) vs 0.99 (code and README, ``--fusion_loss_alpha``).
+- ``purification``: one projection of the concatenated phi_g gradient (``global``, the paper's g~) vs one per
+  parameter tensor with the cosine test (``per_tensor``, the code).
+- ``stage2``: Stage 2 after Stage 1 against the final phi_g (``post_hoc``, the paper) vs one epoch in every round
+  after aggregation (``interleaved``, the code).
+- ``full_first_round``: the paper samples the cohort every round; the code trains every client in round 1.
 - ``share_optimizer_state``: a fresh Stage-1 optimizer per client and round vs the code's one optimizer object
   reused across clients and rounds (see below).
 - ``adapter_alignment``: with adapter PEFT the paper's alignment loss (TKL) vs the code's soft cross-entropy
@@ -175,7 +181,8 @@ class FedPuReL(FedAvg):
             align_noise_floor * ||g_task||``. 0 (default) projects on the sign alone, as the paper and the official
             code do; 1e-4 skips the projection against rounding noise at a fresh LoRA branch (B = 0), whose first
             step otherwise depends on the CPU's float kernels.
-        purification: ``per_tensor`` (official code) or ``global`` (one vector over all phi_g tensors).
+        purification: ``global`` (default, the paper: one vector over all phi_g tensors) or ``per_tensor`` (the
+            official code).
         alignment: ``tkl`` (temperature-aligned KL), ``kl`` (plain KL at temperature 1, the paper's ablation) or
             ``soft_ce`` (soft cross-entropy to the teacher at temperature 1).
         adapter_alignment: the alignment loss with adapter PEFT (``adapter`` / ``attention_adapter``): ``None``
@@ -187,9 +194,10 @@ class FedPuReL(FedAvg):
         tau_max: upper end of the temperature bracket.
         share_optimizer_state: reuse one Stage-1 optimizer across clients and rounds (the code's momentum leak;
             per rank, see the module docstring) instead of a fresh one per client and round.
-        full_first_round: every client trains in round 1 (official code); later rounds use the engine's sampler.
-        stage2: ``interleaved`` (every round after aggregation, cohort clients; code) or ``post_hoc`` (every client
-            after the last round).
+        full_first_round: every client trains in round 1 (official code; default False, the paper's sampler in
+            every round); later rounds use the engine's sampler.
+        stage2: ``post_hoc`` (default, the paper: every client after the last round) or ``interleaved`` (every
+            round after aggregation, cohort clients; the code).
         stage2_epochs: epochs of Stage 2 per round (interleaved) or in total (post_hoc).
         stage2_lr: Stage-2 SGD learning rate.
         stage2_momentum: Stage-2 SGD momentum (code: none).
@@ -220,6 +228,9 @@ class FedPuReL(FedAvg):
         "share_optimizer_state": True,
         "adapter_alignment": "soft_ce",
         "adapter_fusion_only": True,
+        "purification": "per_tensor",
+        "stage2": "interleaved",
+        "full_first_round": True,
     }
 
     def __init__(
@@ -227,7 +238,7 @@ class FedPuReL(FedAvg):
         lam: float = 0.9,
         lambda_proj: float = 1.0,
         align_noise_floor: float = 0.0,
-        purification: str = "per_tensor",
+        purification: str = "global",
         alignment: str = "tkl",
         adapter_alignment: str | None = None,
         align_direction: str = "teacher_first",
@@ -235,8 +246,8 @@ class FedPuReL(FedAvg):
         tau_min: float = 0.05,
         tau_max: float = 20.0,
         share_optimizer_state: bool = False,
-        full_first_round: bool = True,
-        stage2: str = "interleaved",
+        full_first_round: bool = False,
+        stage2: str = "post_hoc",
         stage2_epochs: int = 1,
         stage2_lr: float = 1e-3,
         stage2_momentum: float = 0.0,

@@ -22,10 +22,10 @@ Client (round t; stateless):
    g_bal = (|L^bal| g_real + (C - |L^bal|) proto) / C (g_real alone when no missing class has a prototype, proto
    alone when L^bal is empty). Norm matching (Eq. 13): g^ = g_bal ||g_W^loc|| / ||g_bal|| with the unclipped local
    gradient g_W^loc of W (read after unscaling when a GradScaler is active; zero when g_bal = 0).
-4. Update (``update``): ``"code"`` (default, the official trainer's update rule): clip the global gradient norm of
+4. Update (``update``): ``"paper"`` (default, Eq. 13): W.grad += lam g^, one momentum-SGD step, no clipping
+   (``grad_clip`` is ignored). ``"code"`` (the official trainer's update rule): clip the global gradient norm of
    all parameters to ``grad_clip`` (1.0), one momentum-SGD step with the (clipped) local gradients, then an extra
-   momentum-free, unclipped step W <- W - lr lam g^ (weight and bias). ``"paper"`` (Eq. 13): W.grad += lam g^, one
-   momentum-SGD step, no clipping (``grad_clip`` is ignored). With ``grad_accumulation=False`` (default) every step
+   momentum-free, unclipped step W <- W - lr lam g^ (weight and bias). With ``grad_accumulation=False`` (default) every step
    starts from zero gradients, so ``"code"`` is the official rule as if its loop zeroed the gradients after every
    optimizer step; it does not (next item).
 5. Gradient accumulation (``grad_accumulation=True``, the official loop; needs ``update="code"``): the official
@@ -52,22 +52,21 @@ checkpointed with the reducer.
 Inference: GM = W h + b (W^ discarded); there is no PM (PM = GM).
 
 Hyperparameters (paper symbol, default): ``lam`` (lambda, 0.1; grid {1, 0.1, 0.01}), ``threshold`` (T, 8 for
-MNIST-/CIFAR-10-LT, 2 for CIFAR-100-LT), ``update`` ("code"), ``rebalance_first_round`` (False), ``norm_match``
-("per_tensor"), ``grad_clip`` (1.0, code only), ``grad_accumulation`` (False; True in the official code), plus
+MNIST-/CIFAR-10-LT, 2 for CIFAR-100-LT), ``update`` ("paper"), ``rebalance_first_round`` (True), ``norm_match``
+("global"), ``grad_clip`` (1.0, code update only), ``grad_accumulation`` (False; True in the official code), plus
 FedAvg's: ``lr`` (eta, 0.1 CIFAR / 0.01 MNIST), ``momentum`` (0.9), ``weight_decay`` (0), ``local_epochs`` (E, 5),
 ``batch_size`` (B, 64). The paper's partition P-D is the data config's ``DirichletPrior(alpha=1.0)``.
 
 Released code (``RedGrape.released_code``; docs/paper_vs_code.md; the ``configs/paper/redgrape_*.yaml`` files set
-it): ``grad_accumulation=True`` (item 5): the paper (Eq. 13) describes one fresh local gradient per step.
-
-Paper vs code (these defaults follow the official code, which produced the paper's tables):
+it). The defaults follow the paper; the code's values:
 - ``update="code"``: gradient-norm clipping (1.0) over P, W, W^ and a separate momentum-free, unclipped
-  re-balancing step of W; ``update="paper"``: a single combined gradient g_W^loc + lam g^ through the momentum
-  optimizer, no clipping (docs/reference.md section 8 row 7).
-- ``rebalance_first_round=False``: no re-balancing in round 1 (the code needs the prototype dictionary to exist);
-  ``True`` re-balances from round 1 with the local balanced set alone (row 8).
-- ``norm_match="per_tensor"``: weight and bias of g^ are matched to the local weight / bias gradient separately
-  (code); ``"global"`` uses one joint norm over (weight, bias) as in Eq. 13 (row 9).
+  re-balancing step of W; the paper (``"paper"``, Eq. 13) puts one combined gradient g_W^loc + lam g^ through the
+  momentum optimizer, without clipping.
+- ``rebalance_first_round=False``: no re-balancing in round 1 (the code's branch needs the prototype dictionary to
+  exist); the paper re-balances every round (``True``: round 1 with the local balanced set alone).
+- ``norm_match="per_tensor"``: weight and bias of g^ are matched to the local weight / bias gradient separately;
+  the paper (``"global"``) uses one joint norm over (weight, bias) as in Eq. 13.
+- ``grad_accumulation=True`` (item 5): the paper (Eq. 13) describes one fresh local gradient per step.
 - The prototype part averages only classes that have a prototype, then weighs it by (C - |L^bal|) / C (code;
   identical to Eq. 12 when every missing class has one).
 Implementation choices:
@@ -240,10 +239,12 @@ class RedGrape(FedAvg):
     Args:
         lam: lambda, weight of the norm-matched re-balancing gradient (0 disables re-balancing).
         threshold: T, samples per class of the local balanced set; classes with fewer use global prototypes.
-        update: ``"code"`` (clipped momentum step + separate momentum-free re-balancing step) or ``"paper"``
-            (combined gradient through the optimizer, no clipping).
-        rebalance_first_round: re-balance in round 1 too (with the local balanced set only).
-        norm_match: ``"per_tensor"`` (weight and bias separately) or ``"global"`` (one joint norm).
+        update: ``"paper"`` (default: combined gradient through the optimizer, no clipping) or ``"code"`` (clipped
+            momentum step + separate momentum-free re-balancing step).
+        rebalance_first_round: re-balance in round 1 too, with the local balanced set only (default True, the
+            paper; the code: False).
+        norm_match: ``"global"`` (default: one joint norm, Eq. 13) or ``"per_tensor"`` (weight and bias
+            separately, the code).
         grad_clip: global gradient-norm clip of the ``"code"`` update (ignored by ``"paper"``); ``None``: none.
         grad_accumulation: ``False`` (default, the paper: fresh gradients every step) or ``True`` (the official loop:
             gradients are not zeroed after a step and carry into the next one, module docstring item 5; needs
@@ -258,10 +259,11 @@ class RedGrape(FedAvg):
     )
     automatic_optimization = False
     # The official code's values (github keven980716/Federated_Learning_Experiments, the decoupled trainer).
-    released_code: ClassVar[dict[str, Any]] = {"grad_accumulation": True}
+    released_code: ClassVar[dict[str, Any]] = {"update": "code", "rebalance_first_round": False,
+                                               "norm_match": "per_tensor", "grad_accumulation": True}
 
-    def __init__(self, lam: float = 0.1, threshold: int = 8, update: str = "code",
-                 rebalance_first_round: bool = False, norm_match: str = "per_tensor",
+    def __init__(self, lam: float = 0.1, threshold: int = 8, update: str = "paper",
+                 rebalance_first_round: bool = True, norm_match: str = "global",
                  grad_clip: float | None = 1.0, grad_accumulation: bool = False, **kwargs) -> None:
         super().__init__(grad_clip=grad_clip, **kwargs)
         if not (math.isfinite(lam) and lam >= 0):

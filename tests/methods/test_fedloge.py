@@ -279,7 +279,10 @@ def test_fedloge_builds_its_sse_c_on_the_chosen_basis(basis):
     etf = math.sqrt(c / (c - 1)) * u @ (torch.eye(c, dtype=torch.float64) - 1.0 / c)
     torch.testing.assert_close(sim.model.sse.weight, etf.float().t())
     assert FedLoGe.released_code == {"etf_basis": "uniform", "gamma": 0.1, "sse_bias": "random_frozen",
-                                     "ga_fr_scale": 1.7}
+                                     "ga_fr_scale": 1.7, "la_fr_source": "raw_psi",
+                                     "pm_logits": "local_plus_realigned"}
+    default = FedLoGe()
+    assert (default.la_fr_source, default.pm_logits) == ("ga_fr_psi", "realigned_only")  # the paper's Algorithm 1
     with pytest.raises(ValueError, match="etf_basis"):
         FedLoGe(etf_basis="normal")
 

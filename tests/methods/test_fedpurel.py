@@ -252,9 +252,13 @@ def _hand_tkl(f: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).mean()
 
 
+@pytest.mark.parametrize("purification", ["per_tensor", "global"])
 @pytest.mark.parametrize("peft", ["prompt", "lora"])
-def test_hand_written_stage1_step_equals_the_methods_step(tmp_path, peft):
-    sim = _sim(tmp_path, "--method.init_args.lr", "0.05", peft=peft, model_kwargs="lora_dropout: 0.0")
+def test_hand_written_stage1_step_equals_the_methods_step(tmp_path, peft, purification):
+    """One Stage-1 step by hand: the code's per-tensor cosine test, or the paper's single projection of the whole
+    concatenated gradient (the default)."""
+    sim = _sim(tmp_path, "--method.init_args.lr", "0.05", "--method.init_args.purification", purification,
+               peft=peft, model_kwargs="lora_dropout: 0.0")
     m, clip = sim.method, sim.model
     sim.load_client(0)
     _away_from_zero_shot(sim)
@@ -276,9 +280,16 @@ def test_hand_written_stage1_step_equals_the_methods_step(tmp_path, peft):
     assert min(abs(c) for c in cos) > 0.05, cos
     assert any(c > 0 for c in cos) and (peft == "prompt" or any(c < 0 for c in cos)), cos
     expected = []
+    inner = sum(float((gt.double() * ga.double()).sum()) for gt, ga in zip(grads["task"], grads["align"]))
+    norm2 = sum(float(ga.double().pow(2).sum()) for ga in grads["align"])
+    if purification == "global":
+        assert abs(inner) > 0.05 * math.sqrt(norm2 * sum(float(g.double().pow(2).sum()) for g in grads["task"]))
     for p0, gt, ga in zip(start, grads["task"], grads["align"]):
-        cos = F.cosine_similarity(gt.flatten(), ga.flatten(), dim=0)
-        g = gt - (gt * ga).sum() / ga.pow(2).sum() * ga if cos < 0 else gt
+        if purification == "per_tensor":
+            cos = F.cosine_similarity(gt.flatten(), ga.flatten(), dim=0)
+            g = gt - (gt * ga).sum() / ga.pow(2).sum() * ga if cos < 0 else gt
+        else:
+            g = gt - (inner / norm2) * ga if inner < 0 else gt
         expected.append(p0 - m.lr * (g + m.weight_decay * p0))  # SGD, first step: buffer = d_p
     for p in params:
         p.grad = None
@@ -414,7 +425,10 @@ def test_adapter_fusion_only_defaults_to_the_papers_stage2_loss(tmp_path):
     the fused CE alone, for both adapter kinds."""
     assert FedPuReL().adapter_fusion_only is False
     assert FedPuReL.released_code == {"lam": 0.99, "share_optimizer_state": True, "adapter_alignment": "soft_ce",
-                                      "adapter_fusion_only": True}
+                                      "adapter_fusion_only": True, "purification": "per_tensor",
+                                      "stage2": "interleaved", "full_first_round": True}
+    default = FedPuReL()  # the paper: one purification vector, Stage 2 after training, the sampled cohort
+    assert (default.purification, default.stage2, default.full_first_round) == ("global", "post_hoc", False)
     sim = _sim(tmp_path, "--method.init_args.adapter_fusion_only", "false", peft="attention_adapter")
     m = sim.method
     assert m.stage2_lambda == 0.9
@@ -445,7 +459,8 @@ def test_adapter_stage2_uses_the_fused_ce_only(tmp_path):
 # -- uploads, store, cohorts (4.9-4, 4.4) --------------------------------------------------------------------
 @pytest.mark.parametrize("peft", PEFTS)
 def test_one_round_uploads_only_the_global_peft_tensors(tmp_path, peft):
-    sim = _sim(tmp_path, peft=peft)
+    sim = _sim(tmp_path, "--method.init_args.full_first_round", "true", "--method.init_args.stage2", "interleaved",
+               peft=peft)
     uploads = []
     accumulate = sim.reducer.accumulate
     sim.reducer.accumulate = lambda u: (uploads.append(sorted(u.tensors)), accumulate(u))[1]
@@ -477,7 +492,7 @@ def test_one_round_uploads_only_the_global_peft_tensors(tmp_path, peft):
 
 
 def test_interleaved_stage2_changes_exactly_the_cohorts_personal_branches(tmp_path):
-    sim = _sim(tmp_path)
+    sim = _sim(tmp_path, "--method.init_args.stage2", "interleaved", "--method.init_args.full_first_round", "true")
     sim.run_round(1)
     before = _personal(sim)
     global_before = {k: v.clone() for k, v in sim.global_state.items()}
@@ -491,12 +506,12 @@ def test_interleaved_stage2_changes_exactly_the_cohorts_personal_branches(tmp_pa
 
 
 def test_without_full_first_round_round_one_uses_the_uniform_sampler(tmp_path):
-    sim = _sim(tmp_path, "--method.init_args.full_first_round", "false")
+    sim = _sim(tmp_path)  # default: the paper's sampled cohort in every round
     assert sim.run_round(1).cohort == sample_cohort(sim.seed, 1, sim.data.num_clients, sim.clients_per_round)
 
 
 def test_post_hoc_trains_every_client_after_the_last_round(tmp_path):
-    sim = _sim(tmp_path, "--method.init_args.stage2", "post_hoc")
+    sim = _sim(tmp_path)  # default: the paper's Stage 2 after Stage 1
     assert not sim.method.runs_after_aggregation
     default = {k: v.clone() for k, v in sim._default_personal.items()}
     for r in (1, 2):
@@ -515,7 +530,7 @@ def test_post_hoc_trains_every_client_after_the_last_round(tmp_path):
 
 
 def test_interleaved_needs_no_post_training_stage(tmp_path):
-    sim = _sim(tmp_path)
+    sim = _sim(tmp_path, "--method.init_args.stage2", "interleaved")
     assert sim.method.runs_after_aggregation and sim.method.on_fit_end(sim) is None
 
 

@@ -238,7 +238,8 @@ def test_local_steps_by_hand(update, case, scaled):
     precision) must not change anything: true gradients are read after unscaling."""
     counts, n_bal, proto_classes = CASES[case]
     lam, lr, mom, clip = 0.5, 0.1, 0.9, 1e-3
-    method = RedGrape(lam=lam, threshold=8, update=update, lr=lr, momentum=mom, grad_clip=clip, batch_size=8)
+    method = RedGrape(lam=lam, threshold=8, update=update, lr=lr, momentum=mom, grad_clip=clip, batch_size=8,
+                      norm_match="per_tensor")
     sim = tensor_sim(method, [counts])
     extras = random_prototypes(5, sim.model.num_features, has=[True, True, True, False])
     extras["proto_w"][3] = 1e3  # class 3 has no prototype: must never be used
@@ -326,7 +327,7 @@ def test_grad_accumulation_reproduces_the_official_loop(case, scaled):
     results = {}
     for acc in (True, False):
         method = RedGrape(lam=lam, threshold=8, lr=lr, momentum=mom, grad_clip=clip, batch_size=8,
-                          grad_accumulation=acc)
+                          **{**RedGrape.released_code, "grad_accumulation": acc})
         sim = tensor_sim(method, [counts])
         extras = random_prototypes(5, sim.model.num_features, has=[True, True, True, False])
         if scaled:
@@ -363,7 +364,7 @@ def test_grad_accumulation_over_a_whole_local_round():
     """Through the local loop (fit, two epochs, round 1): the running gradient sum of the official loop."""
     lr, mom, clip = 0.05, 0.9, 0.5
     method = RedGrape(threshold=8, lr=lr, momentum=mom, grad_clip=clip, batch_size=8, local_epochs=2,
-                      grad_accumulation=True)
+                      **RedGrape.released_code)
     sim = tensor_sim(method, [[10, 6, 3, 1]])
     ctx = client_ctx(sim, 0, 1, {})
     ref = copy.deepcopy(sim.model)
@@ -417,10 +418,18 @@ def test_lambda_zero_is_plain_sgd_on_summed_logits():
     assert not torch.allclose(other["head.weight"], got["head.weight"], atol=1e-4)
 
 
-def test_no_rebalancing_in_round_one_unless_asked():
-    a = tiny_sim(RedGrape(lam=0.1, threshold=2, lr=0.05, batch_size=16), rounds=1)
-    b = tiny_sim(RedGrape(lam=0.0, threshold=2, lr=0.05, batch_size=16), rounds=1)
-    c = tiny_sim(RedGrape(lam=0.1, threshold=2, lr=0.05, batch_size=16, rebalance_first_round=True), rounds=1)
+def test_defaults_follow_the_paper_and_released_code_holds_the_codes_rules():
+    m = RedGrape()
+    assert (m.update, m.rebalance_first_round, m.norm_match, m.grad_accumulation) == ("paper", True, "global", False)
+    code = RedGrape(**RedGrape.released_code)
+    assert (code.update, code.rebalance_first_round, code.norm_match, code.grad_accumulation) == (
+        "code", False, "per_tensor", True)
+
+
+def test_no_rebalancing_in_round_one_with_the_codes_setting():
+    a = tiny_sim(RedGrape(lam=0.1, threshold=2, lr=0.05, batch_size=16, rebalance_first_round=False), rounds=1)
+    b = tiny_sim(RedGrape(lam=0.0, threshold=2, lr=0.05, batch_size=16, rebalance_first_round=False), rounds=1)
+    c = tiny_sim(RedGrape(lam=0.1, threshold=2, lr=0.05, batch_size=16), rounds=1)  # default: the paper's
     run(a), run(b), run(c)
     for k, v in global_copy(a).items():
         assert torch.equal(v, b.global_state[k]), k
