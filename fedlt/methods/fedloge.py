@@ -39,12 +39,13 @@ Hyperparameters (paper symbol, default): ``beta`` (beta, sparsity ratio, 0.6), `
 1.0 = paper CIFAR; 1.6 ImageNet/iNat; the code hard-codes 0.1), ``sse_steps`` (10,000), ``sse_lr`` (1e-4),
 ``sse_bias`` (``"none"`` paper; ``"random_frozen"`` mimics the code's untrained default-initialised bias),
 ``ga_fr_scale`` (1.0 paper; 1.7 code), ``la_fr_source`` (``ga_fr_psi`` paper; ``raw_psi`` code), ``pm_logits``
-(``realigned_only`` paper; ``local_plus_realigned`` code), ``la_fr_finetune_epochs`` (0), ``gm_head`` (``ga_fr``; ``sse`` = the universal
-model psi_S h; ``aux`` = psi h without realignment), ``pm_head`` (``la_fr``; ``unrealigned`` = psi h + phi_k h, what
-the code logs during training), ``realign`` (``every_eval``: every evaluation uses ``gm_head``/``pm_head``, so the
-last evaluated round equals the paper's post-training numbers; ``post_training``: evaluations during training log
-like the code (GM = SSE-C, PM = unrealigned sum) and one extra evaluation after training applies the realignment;
-it is stored under ``post_training`` in final.json). Local training (code): lr 0.03, momentum 0.5, batch 8, E 5.
+(``realigned_only`` paper; ``local_plus_realigned`` code), ``la_fr_finetune_epochs`` (0), ``gm_head`` (``ga_fr``;
+``sse`` = the universal model psi_S h; ``aux`` = psi h without realignment), ``pm_head`` (``la_fr``; ``unrealigned``
+= psi h + phi_k h, what the code logs during training), ``realign`` (``every_eval``: every evaluation uses
+``gm_head``/``pm_head``, so the last evaluated round equals the paper's post-training numbers; ``post_training``:
+evaluations during training log like the code (GM = SSE-C, PM = unrealigned sum) and one extra evaluation after
+training applies the realignment; it is stored under ``post_training`` in final.json). Local training (code): lr
+0.03, momentum 0.5, batch 8, E 5.
 
 Released code (``FedLoGe.released_code``; docs/paper_vs_code.md; the ``configs/paper/fedloge_*.yaml`` files set
 it): ``etf_basis="uniform"``: the paper's P is a random orthogonal matrix; the code takes the Q factor of a

@@ -25,9 +25,9 @@ Client (round t; stateless):
 4. Update (``update``): ``"paper"`` (default, Eq. 13): W.grad += lam g^, one momentum-SGD step, no clipping
    (``grad_clip`` is ignored). ``"code"`` (the official trainer's update rule): clip the global gradient norm of
    all parameters to ``grad_clip`` (1.0), one momentum-SGD step with the (clipped) local gradients, then an extra
-   momentum-free, unclipped step W <- W - lr lam g^ (weight and bias). With ``grad_accumulation=False`` (default) every step
-   starts from zero gradients, so ``"code"`` is the official rule as if its loop zeroed the gradients after every
-   optimizer step; it does not (next item).
+   momentum-free, unclipped step W <- W - lr lam g^ (weight and bias). With ``grad_accumulation=False`` (default)
+   every step starts from zero gradients, so ``"code"`` is the official rule as if its loop zeroed the gradients
+   after every optimizer step; it does not (next item).
 5. Gradient accumulation (``grad_accumulation=True``, the official loop; needs ``update="code"``): the official
    trainer zeroes the gradients once before the local loop and otherwise only inside its re-balancing branch (right
    after the balanced-set backward, before the local backward), never after an optimizer step. So the gradients
