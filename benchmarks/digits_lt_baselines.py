@@ -13,7 +13,8 @@ run's "mean of the last 10 evaluated rounds".
 A method name with the suffix ``@bn`` runs on the CNN with BatchNorm layers (``model.kwargs.norm: batch``, the
 FedBN paper's CNN): FedBN only differs from FedAvg on a model with norm layers, so its row is ``fedbn@bn`` and
 ``fedavg@bn`` is the reference on the same backbone. The suffix ``@code`` runs the method with the arguments of
-its ``released_code`` (what the authors' released code did; docs/paper_vs_code.md), e.g. ``creff@code``.
+its ``released_code`` (what the authors' released code did; docs/paper_vs_code.md), e.g. ``creff@code``;
+``@code:<arg>[+<arg>...]`` applies only the named ones (one difference at a time), e.g. ``fedloge@code:gamma``.
 
 Finished runs (``final.json`` present) are reused, so an interrupted sweep continues where it stopped.
 """
@@ -40,8 +41,9 @@ LOCAL = ["--method.init_args.lr", "0.05", "--method.init_args.momentum", "0.5",
          "--method.init_args.local_epochs", "2", "--method.init_args.batch_size", "16"]
 
 
-def released_code_args(method: str) -> list[str]:
-    """``--method.init_args.<arg> <value>`` for every argument of the method's ``released_code``."""
+def released_code_args(method: str, only: list[str] | None = None) -> list[str]:
+    """``--method.init_args.<arg> <value>`` for every argument of the method's ``released_code`` (or the ``only``
+    ones)."""
     import yaml
 
     import fedlt.methods  # noqa: F401  (registers every method)
@@ -50,8 +52,13 @@ def released_code_args(method: str) -> list[str]:
     code = METHODS.get(method).released_code
     if not code:
         raise SystemExit(f"{method} declares no released_code")
+    unknown = sorted(set(only or ()) - set(code))
+    if unknown:
+        raise SystemExit(f"{method}.released_code has no {', '.join(unknown)} (it has: {', '.join(code)})")
     out: list[str] = []
     for arg, value in code.items():
+        if only is not None and arg not in only:
+            continue
         text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
         out += [f"--method.init_args.{arg}", text]
     return out
@@ -62,12 +69,14 @@ def run_one(row: str, seed: int, rounds: int, root: Path) -> dict:
     from fedlt.cli import main
 
     method, _, variant = row.partition("@")
-    if variant not in ("", "bn", "code"):
-        raise SystemExit(f"unknown variant {variant!r} in {row!r} ('@bn' or '@code')")
+    variant, _, only = variant.partition(":")
+    if variant not in ("", "bn", "code") or (only and variant != "code"):
+        raise SystemExit(f"unknown variant in {row!r} ('@bn', '@code' or '@code:<arg>[+<arg>...]')")
     model = ["--model.kwargs", "{norm: batch}"] if variant == "bn" else []
     if variant == "code":
-        model = released_code_args(method)
-    name = f"{method}-{variant}-s{seed}" if variant else f"{method}-s{seed}"
+        model = released_code_args(method, only.split("+") if only else None)
+    suffix = variant + ("-" + only.replace("+", "-") if only else "")
+    name = f"{method}-{suffix}-s{seed}" if variant else f"{method}-s{seed}"
     run_dir = root / name
     final = run_dir / "final.json"
     if not final.exists():

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fedlt.callbacks.loggers import CSVMetricsLogger, WandbFabricLogger, flatten_config, run_tags
 from fedlt.callbacks.progress import ProgressBar
 from fedlt.callbacks.report import final_report, format_table
 from fedlt.config import LoggingConfig, ModelConfig, TrainerConfig
@@ -33,10 +32,12 @@ from fedlt.engine.rundir import (
     format_changes,
     remove_stale_temporaries,
 )
-from fedlt.engine.simulator import Simulator
 from fedlt.methods.base import FedMethod
 from fedlt.models import build_model
 from fedlt.provenance import append_resume, environment_record, write_environment
+
+if TYPE_CHECKING:
+    from fedlt.engine.simulator import Simulator
 
 
 class UserError(Exception):
@@ -95,6 +96,8 @@ class Experiment:
 
     def build_simulator(self) -> Simulator:
         """Sets the data up on the device, builds the model from the seed and wires the simulator."""
+        from fedlt.engine.simulator import Simulator  # the evaluator's torchmetrics: not on the CLI's help paths
+
         device = self.comm.device
         self.data.setup(device)
         torch.manual_seed(self.seed)
@@ -352,6 +355,8 @@ class Experiment:
         """Rank 0's CSV and W&B loggers (``None`` elsewhere); a resumed run continues its W&B run."""
         if not self.is_rank_zero:
             return None, None
+        from fedlt.callbacks.loggers import CSVMetricsLogger, WandbFabricLogger, run_tags  # lightning: run time only
+
         csv_logger = CSVMetricsLogger(self.run_dir, resume_round)
         lc = self.logging_cfg
         if not lc.wandb:
@@ -392,6 +397,8 @@ class Experiment:
         """The resolved config with dotted keys, plus ``method`` (registry name), ``dataset`` and ``partition.*``
         (the partitioner's name and parameters) as convenience keys for grouping runs in dashboards, and the
         environment record (``environment.*``: versions, host, devices, SLURM ids)."""
+        from fedlt.callbacks.loggers import flatten_config
+
         extra = {"method": self.method.name, "dataset": summary.get("source"), "partition": summary.get("partition"),
                  "environment": self._environment}
         return {**flatten_config(_config_dict(self.config_yaml)), **flatten_config(extra)}

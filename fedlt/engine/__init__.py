@@ -1,13 +1,32 @@
 """The round engine: simulator, the single local loop, sharding, collectives, parameters, client state,
-checkpoints."""
+checkpoints.
 
-from fedlt.engine.checkpoint import PreemptionFlag, latest_checkpoint, load_checkpoint, save_atomic
-from fedlt.engine.client_state import ClientStateStore
-from fedlt.engine.local_loop import LocalTrainer, NonFiniteLossError
-from fedlt.engine.sharding import assign_to_ranks, client_seed, sample_cohort
-from fedlt.engine.simulator import RoundResult, Simulator
+The names below are imported on first use (PEP 562), so that importing a submodule (``fedlt.engine.collectives``
+from the method registry, say) does not pull in the simulator, the evaluator and torchmetrics.
+"""
 
-__all__ = [
-    "ClientStateStore", "LocalTrainer", "NonFiniteLossError", "PreemptionFlag", "RoundResult", "Simulator",
-    "assign_to_ranks", "client_seed", "latest_checkpoint", "load_checkpoint", "sample_cohort", "save_atomic",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "PreemptionFlag": "checkpoint", "latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "save_atomic": "checkpoint", "ClientStateStore": "client_state", "LocalTrainer": "local_loop",
+    "NonFiniteLossError": "local_loop", "assign_to_ranks": "sharding", "client_seed": "sharding",
+    "sample_cohort": "sharding", "RoundResult": "simulator", "Simulator": "simulator",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_NAMES])
