@@ -49,23 +49,24 @@ def grouped_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: flo
     order = rng.permutation(labels.shape[0])
     n, groups = labels.shape[0], math.ceil(num_clients / group_size)
     per_group = int(min(group_size, num_clients) / num_clients * n)
-    concatenated: list[int] = []
+    concatenated: list[np.ndarray] = []
     for g in range(groups):
         k = min(group_size, num_clients - g * group_size)
         chunk = order[g * per_group :] if g == groups - 1 else order[g * per_group : (g + 1) * per_group]
         need = int(min_fraction * chunk.shape[0] / k)
         for _ in range(max_tries):
-            parts, _ = _dirichlet_try(labels[chunk], k, alpha, rng)
-            if min(len(p) for p in parts) >= need:
+            owner, sizes, _, seq = _dirichlet_try(labels[chunk], k, alpha, rng)
+            if int(sizes.min()) >= need:
                 break
         else:
             raise PartitionError(f"grouped Dirichlet: no draw in {max_tries} gave every client of group {g} at least "
                                  f"{need} samples; raise alpha or lower min_fraction")
-        for p in parts:
-            concatenated.extend(chunk[np.asarray(p, dtype=np.int64)].tolist())
-    base, extra = divmod(len(concatenated), num_clients)
-    cuts = np.cumsum([base + (1 if k < extra else 0) for k in range(num_clients)])[:-1]
-    return _finish(np.split(np.asarray(concatenated, dtype=np.int64), cuts))
+        # Client after client, each client's samples in the order the draw dealt them.
+        concatenated.append(chunk[seq[np.argsort(owner[seq], kind="stable")]])
+    flat = np.concatenate(concatenated).astype(np.int64, copy=False)
+    base, extra = divmod(flat.shape[0], num_clients)
+    cuts = np.cumsum(base + (np.arange(num_clients) < extra))[:-1]
+    return _finish(np.split(flat, cuts))
 
 
 def _take_from_pools(pools: list[list[int]], want: np.ndarray, budget: int) -> list[int]:

@@ -12,6 +12,7 @@ live in ``fedlt.data.pooled_partition``, the equal-size P-C (``GroupedDirichlet`
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,9 +29,11 @@ __all__ = [
     "PartitionResult",
     "Partitioner",
     "Shards",
+    "class_indices",
     "dirichlet_partition",
     "dirichlet_per_sample_partition",
     "dirichlet_split",
+    "group_by_owner",
     "iid_partition",
     "shards_partition",
 ]
@@ -80,30 +83,57 @@ def _finish(parts: list[np.ndarray] | list[list[int]]) -> list[np.ndarray]:
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
+def class_indices(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """``(c, ascending indices of class c)`` for every class present, in class order (one stable sort; the same
+    arrays as ``np.flatnonzero(labels == c)`` per class, without a pass over the labels per class)."""
+    order = np.argsort(labels, kind="stable")
+    classes, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    return [(int(c), order[s:s + n]) for c, s, n in zip(classes, starts, counts)]
+
+
+def group_by_owner(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """Per-client sorted int64 index arrays from ``owner`` (sample -> client; negative = nobody): one stable sort,
+    not a pass over the samples per client."""
+    owner = np.asarray(owner, dtype=np.int64)
+    kept = np.flatnonzero(owner >= 0)
+    order = kept[np.argsort(owner[kept], kind="stable")]
+    counts = np.bincount(owner[kept], minlength=num_clients)
+    return np.split(order, np.cumsum(counts)[:-1])
+
+
 def _dirichlet_try(
-    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, cap: bool = True
-) -> tuple[list[list[int]], np.ndarray]:
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, cap: bool = True,
+    classes: list[tuple[int, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     # One NIID-Bench P-B draw (docs/reference.md 1.3): per class p ~ Dir(alpha 1_K), clients already holding >= N/K get
     # no more (capacity rule; P-F skips it), renormalise, cut the shuffled class indices at the cumulative
-    # proportions. Also returns the proportions actually used, (C, K) with C = max label + 1 (NaN rows for absent
-    # classes), so a local test protocol can cut the test set the same way (T-B).
+    # proportions. Returns the owner of every sample (N,), the client sizes (K,) and the proportions actually used,
+    # (C, K) with C = max label + 1 (NaN rows for absent classes), so a local test protocol can cut the test set the
+    # same way (T-B), and the visit order (the shuffled class indices, class after class), whose stable grouping by
+    # owner gives each client's samples in the order the loop over classes dealt them. Vectorized over clients: per
+    # class one Dirichlet draw and one np.repeat, no loop over K.
     capacity = labels.shape[0] / num_clients
-    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    owner = np.empty(labels.shape[0], dtype=np.int64)
     sizes = np.zeros(num_clients, dtype=np.int64)
     proportions = np.full((int(labels.max()) + 1 if labels.size else 0, num_clients), np.nan)
-    for c in np.unique(labels):
-        idx_c = rng.permutation(np.flatnonzero(labels == c))
+    clients = np.arange(num_clients)
+    visits = []
+    for c, members in classes if classes is not None else class_indices(labels):
+        idx_c = rng.permutation(members)
+        visits.append(idx_c)
         p = rng.dirichlet(np.full(num_clients, alpha))
         if cap:
             p = np.where(sizes < capacity, p, 0.0)
         # All clients full can only happen once every sample is placed; guard against 0/0 anyway.
         p = p / p.sum() if p.sum() > 0 else np.full(num_clients, 1.0 / num_clients)
         proportions[c] = p
-        cuts = (np.cumsum(p) * idx_c.shape[0]).astype(np.int64)[:-1]
-        for k, chunk in enumerate(np.split(idx_c, cuts)):
-            parts[k].extend(chunk.tolist())
-            sizes[k] += chunk.shape[0]
-    return parts, proportions
+        n_c = idx_c.shape[0]
+        cuts = np.clip((np.cumsum(p) * n_c).astype(np.int64)[:-1], 0, n_c)
+        counts = np.diff(np.concatenate(([0], np.maximum.accumulate(cuts), [n_c])))
+        owner[idx_c] = np.repeat(clients, counts)
+        sizes += counts
+    seq = np.concatenate(visits) if visits else np.zeros(0, dtype=np.int64)
+    return owner, sizes, proportions, seq
 
 
 def dirichlet_partition(
@@ -113,6 +143,7 @@ def dirichlet_partition(
     seed: int,
     min_size: int = 10,
     max_tries: int = 100,
+    max_seconds: float | None = 60.0,
 ) -> list[np.ndarray]:
     """P-B NIID-Bench Dirichlet split with capacity cap and min-size retry (docs/reference.md 1.3).
 
@@ -123,14 +154,18 @@ def dirichlet_partition(
         seed: seed of the single ``np.random.default_rng`` stream used by all tries.
         min_size: every client must end with at least this many samples (NIID-Bench m_min).
         max_tries: whole-procedure retries before giving up.
+        max_seconds: wall-clock budget of the retries (checked after each try); ``None``: tries only. A budget that
+            runs out only turns a slow failure into an earlier one: a partition that is returned depends on the
+            seed alone.
 
     Returns:
         Per-client sorted int64 index arrays.
 
     Raises:
-        PartitionError: invalid arguments, or no draw met ``min_size`` within ``max_tries``.
+        PartitionError: invalid arguments, an infeasible request (``num_clients * min_size >= N``), or no draw met
+            ``min_size`` within ``max_tries`` / ``max_seconds``.
     """
-    return dirichlet_split(labels, num_clients, alpha, seed, min_size, max_tries).indices
+    return dirichlet_split(labels, num_clients, alpha, seed, min_size, max_tries, max_seconds).indices
 
 
 def dirichlet_split(
@@ -140,6 +175,7 @@ def dirichlet_split(
     seed: int,
     min_size: int = 10,
     max_tries: int = 100,
+    max_seconds: float | None = 60.0,
 ) -> PartitionResult:
     """``dirichlet_partition`` plus the proportions p_{k,c} of the successful try (after cap and renormalisation).
 
@@ -156,14 +192,31 @@ def dirichlet_split(
             f"cannot give {num_clients} clients >= {min_size} samples from {n:,} samples "
             f"({num_clients * min_size:,} needed); {hint}"
         )
+    if num_clients > 1 and min_size > 0 and num_clients * min_size >= n:
+        # Equality would need every client to end with exactly min_size samples: no Dirichlet draw gives that.
+        raise PartitionError(
+            f"cannot give {num_clients} clients >= {min_size} samples each from {n:,} samples: that needs "
+            f"num_clients x min_size < {n:,} (here {num_clients * min_size:,}; min_size <= "
+            f"{max((n - 1) // num_clients, 0)} or num_clients <= {(n - 1) // min_size} would do); {hint}"
+        )
     rng = np.random.default_rng(seed)
-    for _ in range(max(1, max_tries)):
-        parts, proportions = _dirichlet_try(labels, num_clients, alpha, rng)
-        if min(len(p) for p in parts) >= min_size:
-            return PartitionResult(_finish(parts), proportions=proportions)
+    classes = class_indices(labels)
+    start = time.monotonic()
+    best, below, tries = -1, num_clients, 0
+    while tries < max(1, max_tries):
+        tries += 1
+        owner, sizes, proportions, _ = _dirichlet_try(labels, num_clients, alpha, rng, classes=classes)
+        smallest = int(sizes.min())
+        if smallest >= min_size:
+            return PartitionResult(group_by_owner(owner, num_clients), proportions=proportions)
+        if smallest > best or (smallest == best and int((sizes < min_size).sum()) < below):
+            best, below = smallest, int((sizes < min_size).sum())
+        if max_seconds is not None and time.monotonic() - start > max_seconds:
+            break
     raise PartitionError(
-        f"cannot give {num_clients} clients >= {min_size} samples from {n:,} samples after {max_tries} tries "
-        f"(alpha={alpha}); {hint}"
+        f"cannot give {num_clients} clients >= {min_size} samples from {n:,} samples (alpha={alpha}): {tries} "
+        f"tries in {time.monotonic() - start:.1f} s (max_tries {max_tries}, max_seconds {max_seconds}); the best "
+        f"try's smallest client had {best} samples, {below} clients below min_size; {hint}"
     )
 
 
@@ -185,11 +238,10 @@ def dirichlet_per_sample_partition(labels: np.ndarray, num_clients: int, alpha: 
     labels = _validate(labels, num_clients, alpha)
     rng = np.random.default_rng(seed)
     owner = np.empty(labels.shape[0], dtype=np.int64)
-    for c in np.unique(labels):
-        idx_c = np.flatnonzero(labels == c)
+    for _, idx_c in class_indices(labels):
         p = rng.dirichlet(np.full(num_clients, alpha))
         owner[idx_c] = rng.choice(num_clients, size=idx_c.shape[0], p=p / p.sum())
-    return _finish([np.flatnonzero(owner == k) for k in range(num_clients)])
+    return group_by_owner(owner, num_clients)
 
 
 def iid_partition(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
@@ -345,18 +397,22 @@ class Dirichlet(Partitioner):
         alpha: Dirichlet concentration alpha; smaller means more label skew per client.
         min_size: minimum samples per client (NIID-Bench m_min); the draw is repeated until it holds.
         max_tries: draws attempted before reporting an impossible partition.
+        max_seconds: wall-clock budget of those draws (``None``: no limit); it never changes a partition that is
+            found, only how soon a hopeless request fails.
     """
 
     name = "dirichlet"
     records_proportions = True
 
-    def __init__(self, alpha: float = 0.5, min_size: int = 10, max_tries: int = 100) -> None:
+    def __init__(self, alpha: float = 0.5, min_size: int = 10, max_tries: int = 100,
+                 max_seconds: float | None = 60.0) -> None:
         self.alpha = alpha
         self.min_size = min_size
         self.max_tries = max_tries
+        self.max_seconds = max_seconds
 
     def _partition(self, labels: np.ndarray, num_clients: int, seed: int) -> PartitionResult:
-        return dirichlet_split(labels, num_clients, self.alpha, seed, self.min_size, self.max_tries)
+        return dirichlet_split(labels, num_clients, self.alpha, seed, self.min_size, self.max_tries, self.max_seconds)
 
     def _split(self, labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
         return self._partition(labels, num_clients, seed).indices

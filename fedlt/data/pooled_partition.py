@@ -18,8 +18,8 @@ from fedlt.data.partition import (
     PartitionError,
     PartitionResult,
     _dirichlet_try,
-    _finish,
     _validate,
+    group_by_owner,
 )
 
 __all__ = [
@@ -58,8 +58,8 @@ def dirichlet_no_cap_split(labels: np.ndarray, num_clients: int, alpha: float, s
         The per-client indices and ``proportions`` (C, K).
     """
     labels = _validate(labels, num_clients, alpha)
-    parts, proportions = _dirichlet_try(labels, num_clients, alpha, np.random.default_rng(seed), cap=False)
-    return PartitionResult(_finish(parts), proportions=proportions)
+    owner, _, proportions, _ = _dirichlet_try(labels, num_clients, alpha, np.random.default_rng(seed), cap=False)
+    return PartitionResult(group_by_owner(owner, num_clients), proportions=proportions)
 
 
 def _alive_class_probs(
@@ -171,8 +171,8 @@ def hierarchical_pooled_partition(
             owner[pools[c][start : start + drawn[c]]] = k
     n_train = train_labels.shape[0]
     return PartitionResult(
-        indices=[np.flatnonzero(owner[:n_train] == k) for k in range(num_clients)],
-        test_indices=[np.flatnonzero(owner[n_train:] == k) for k in range(num_clients)],
+        indices=group_by_owner(owner[:n_train], num_clients),
+        test_indices=group_by_owner(owner[n_train:], num_clients),
         unassigned=int((owner < 0).sum()),
     )
 

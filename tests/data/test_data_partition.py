@@ -114,11 +114,78 @@ def test_impossible_min_size_raises_with_message() -> None:
 
 
 def test_unlucky_draws_raise_after_max_tries() -> None:
-    # Feasible on paper (40 samples, 4 clients, 10 each) but with a near one-hot alpha each of the two classes
+    # Feasible on paper (42 samples, 4 clients, 10 each) but with a near one-hot alpha each of the two classes
     # lands on a single client, so two clients always stay empty.
-    labels = np.repeat(np.arange(2), 20)
-    with pytest.raises(PartitionError, match="after 5 tries"):
+    labels = np.repeat(np.arange(2), 21)
+    with pytest.raises(PartitionError, match=r"5 tries in .* smallest client had \d samples, \d clients below"):
         dirichlet_partition(labels, 4, 1e-3, seed=0, min_size=10, max_tries=5)
+
+
+def test_clients_times_min_size_equal_to_n_is_refused_up_front() -> None:
+    # Every client would need exactly min_size samples: no draw gives that, so no retry is spent on it.
+    labels = np.repeat(np.arange(2), 20)
+    with pytest.raises(PartitionError, match=r"needs num_clients x min_size < 40 \(here 40; min_size <= 9 or "
+                                             r"num_clients <= 3 would do\)"):
+        dirichlet_partition(labels, 4, 0.5, seed=0, min_size=10, max_tries=10**9)
+
+
+def test_retries_are_bounded_in_time() -> None:
+    labels = np.repeat(np.arange(2), 21)
+    with pytest.raises(PartitionError, match=r"1 tries in .*max_seconds 0"):
+        dirichlet_partition(labels, 4, 1e-3, seed=0, min_size=10, max_tries=10**9, max_seconds=0)
+
+
+def _loop_reference(labels: np.ndarray, k: int, alpha: float, seed: int, min_size: int) -> tuple[list, np.ndarray]:
+    """The P-B draw written as the plain loop over classes and clients (NIID-Bench), for the vectorized one."""
+    rng = np.random.default_rng(seed)
+    while True:
+        parts: list[list[int]] = [[] for _ in range(k)]
+        props = np.full((labels.max() + 1, k), np.nan)
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            p = rng.dirichlet(np.full(k, alpha))
+            p = np.array([p[j] if len(parts[j]) < labels.size / k else 0.0 for j in range(k)])
+            p = p / p.sum() if p.sum() > 0 else np.full(k, 1.0 / k)
+            props[c] = p
+            cuts = [int(x) for x in np.cumsum(p) * idx.size][:-1]
+            for j, chunk in enumerate(np.split(idx, cuts)):
+                parts[j] += chunk.tolist()
+        if min(len(q) for q in parts) >= min_size:
+            return [np.sort(np.array(q, dtype=np.int64)) for q in parts], props
+
+
+@pytest.mark.parametrize(("k", "alpha", "min_size", "seed"), [(3, 0.5, 5, 0), (17, 0.1, 1, 1), (40, 0.05, 0, 2),
+                                                             (7, 5.0, 20, 3)])
+def test_vectorized_dirichlet_equals_the_loop_over_clients(k: int, alpha: float, min_size: int, seed: int) -> None:
+    labels = _lt_labels(seed)
+    want, want_props = _loop_reference(labels, k, alpha, seed, min_size)
+    got = Dirichlet(alpha, min_size).split(labels, k, seed)
+    assert len(got.indices) == k
+    for g, w in zip(got.indices, want):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(np.isnan(got.proportions), np.isnan(want_props))
+    np.testing.assert_array_equal(np.nan_to_num(got.proportions), np.nan_to_num(want_props))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("n", "k"), [(50_000, 10_000), (1_000_000, 100_000)], ids=["10k-clients", "100k-clients"])
+def test_partitions_at_scale_keep_their_invariants(n: int, k: int) -> None:
+    """Each partitioner at 10^4 and 10^5 clients (100 classes, alpha 0.05): an exact cover, sorted int64 indices,
+    and the partitioner's own property (min size; capacity; the proportions recorded)."""
+    from fedlt.data.pooled_partition import DirichletNoCap
+
+    labels = np.random.default_rng(0).integers(0, 100, n)
+    counts = np.bincount(labels, minlength=100)
+    result = Dirichlet(0.05, min_size=0).split(labels, k, 0)
+    _assert_exact_cover(result.indices, n)
+    sizes = np.array([p.size for p in result.indices])
+    assert sizes.max() <= n / k + counts.max()  # the capacity rule
+    np.testing.assert_allclose(result.proportions.sum(1), 1.0)
+    for part in (DirichletNoCap(0.05), IID()):
+        _assert_exact_cover(part.split(labels, k, 0).indices, n)
+    _assert_exact_cover(dirichlet_per_sample_partition(labels, k, 0.05, 0), n)
+    with pytest.raises(PartitionError, match="tries in"):
+        Dirichlet(0.05, min_size=1, max_seconds=1.0).split(labels, k, 0)
 
 
 @pytest.mark.parametrize(
