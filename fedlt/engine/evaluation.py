@@ -45,6 +45,7 @@ class Evaluator:
         self.pm = PersonalizedAccuracy(data.num_clients, data.num_classes, pm_groups).to(sim.device)
         self._masking = bool(getattr(data, "mask_absent_classes", False))
         self._client_counts: Tensor | None = None  # (2, K) this rank's PM correct / total of the last evaluation
+        self._union: Tensor | None = None  # sorted union of the clients' local test indices (batched PM)
 
     def _batches(self, idx: Tensor, split=None):
         data, bs = self.sim.data, self.sim.eval_batch_size
@@ -74,6 +75,8 @@ class Evaluator:
             clients = range(sim.rank, sim.data.num_clients, sim.world_size)
             if preds is not None and not method.personalizes and not self._masking:
                 self._pm_from_global(preds, clients)
+            elif method.personalizes and getattr(method, "pm_shares_features", False):
+                self._pm_shared_features(clients)
             else:
                 self._pm_personal(clients)
             self._client_counts = torch.stack([self.pm.correct.sum(1), self.pm.total.sum(1)])  # local, pre-sync
@@ -135,25 +138,39 @@ class Evaluator:
         return out
 
     def _pm_from_global(self, preds: Tensor, clients: range) -> None:
-        test_y = self.sim.data.test.y
-        for k in clients:
-            idx = self.sim.data.client_test_indices[k]
-            if idx.numel():
-                self.pm.update(preds[idx], test_y[idx], k)
+        data = self.sim.data
+        idx = [data.client_test_indices[k] for k in clients]
+        self._update_pm([preds[i] for i in idx], [data.test.y[i] for i in idx], list(clients))
+
+    def _update_pm(self, preds: list[Tensor], targets: list[Tensor], clients: list[int]) -> None:
+        """One metric update for all of this rank's clients (each update costs O(K x C): a per-client update would
+        make the evaluation quadratic in K)."""
+        pairs = [(p, t, k) for p, t, k in zip(preds, targets, clients) if t.numel()]
+        if not pairs:
+            return
+        device = pairs[0][1].device
+        ids = torch.cat([torch.full((t.numel(),), k, dtype=torch.long, device=device) for _, t, k in pairs])
+        self.pm.update(torch.cat([p for p, _, _ in pairs]), torch.cat([t for _, t, _ in pairs]), ids)
+
+    def _mask(self, logits: Tensor, k: int) -> Tensor:
+        if not self._masking:
+            return logits
+        present = self.sim.data.client_test_classes[k]
+        return logits.masked_fill(~present, torch.finfo(logits.dtype).min)
 
     @torch.no_grad()
-    def _predict_personal(self, idx: Tensor, k: int) -> None:
+    def _predict_personal(self, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
         sim = self.sim
+        preds, targets = [], []
         with sim.trainer.autocast():
             for x, y in self._batches(idx):
-                logits = sim.method.predict_personal(x, k)
-                if self._masking:
-                    present = sim.data.client_test_classes[k]
-                    logits = logits.masked_fill(~present, torch.finfo(logits.dtype).min)
-                self.pm.update(logits.argmax(1), y, k)
+                preds.append(self._mask(sim.method.predict_personal(x, k), k).argmax(1))
+                targets.append(y)
+        return torch.cat(preds), torch.cat(targets)
 
     def _pm_personal(self, clients: range) -> None:
         sim = self.sim
+        preds, targets, ids = [], [], []
         for k in clients:
             idx = sim.data.client_test_indices[k]
             if not idx.numel():
@@ -162,7 +179,49 @@ class Evaluator:
             with torch.enable_grad():  # evaluation runs under no_grad; personal fine-tuning needs gradients
                 sim.method.prepare_personal(k)
             sim.model.eval()
-            self._predict_personal(idx, k)
+            p, t = self._predict_personal(idx, k)
+            preds.append(p)
+            targets.append(t)
+            ids.append(k)
+        self._update_pm(preds, targets, ids)
+
+    def _test_union(self) -> Tensor:
+        """Sorted union of all clients' local test indices (fixed for a run: computed once)."""
+        if self._union is None:
+            indices = [i for i in self.sim.data.client_test_indices if i.numel()]
+            self._union = torch.unique(torch.cat(indices))
+        return self._union
+
+    @torch.no_grad()
+    def _pm_shared_features(self, clients: range) -> None:
+        """PM of a personal head on the shared body (``method.pm_shares_features``): the body's features of the test
+        images this rank's clients need, once; then each client's head on its rows.
+
+        The batches are fixed slices of the sorted union of every client's local test images (the same on every
+        rank); a rank computes the slices that hold one of its images, so an image's features come from the same
+        batch whatever the split of the clients over ranks or the world size."""
+        sim, method, data = self.sim, self.sim.method, self.sim.data
+        wanted = [k for k in clients if data.client_test_indices[k].numel()]
+        if not wanted:
+            return
+        n, bs = len(data.test), sim.eval_batch_size
+        union = self._test_union()
+        position = torch.searchsorted(union, torch.cat([data.client_test_indices[k] for k in wanted]))
+        blocks = torch.unique(position // bs).tolist()
+        rows = torch.cat([union[j * bs:(j + 1) * bs] for j in blocks])
+        row = torch.full((n,), -1, dtype=torch.long, device=union.device)
+        row[rows] = torch.arange(rows.numel(), device=union.device)
+        self._load_global()
+        sim.model.eval()
+        with sim.trainer.autocast():
+            features = torch.cat([method.pm_features(x) for x, _ in self._batches(rows)])
+            preds, targets = [], []
+            for k in wanted:
+                idx = data.client_test_indices[k]
+                sim.load_personal(k)
+                preds.append(self._mask(method.pm_logits(features[row[idx]], k), k).argmax(1))
+                targets.append(data.test.y[idx])
+        self._update_pm(preds, targets, wanted)
 
 
 def _per_domain(prefix: str, preds: Tensor, split, names: list[str]) -> dict[str, float]:

@@ -175,6 +175,14 @@ class Simulator:
             copy_tensors_(list(self._ws_personal.values()), [src[k] for k in self._ws_personal])
         return {k: v for k, v in stored.items() if not k.startswith(_MODEL)}
 
+    def load_personal(self, client_id: int) -> None:
+        """Loads only the client's personal model state into the workspace (the shared tensors stay as they are;
+        the batched PM evaluation loads the global state once, then each client's personal tensors)."""
+        if self._ws_personal:
+            stored = self.store.get(client_id)
+            copy_tensors_(list(self._ws_personal.values()),
+                          [stored.get(_MODEL + k, self._default_personal[k]) for k in self._ws_personal])
+
     def load_global(self) -> None:
         """Loads the global shared state and the default personal state (the GM) into the workspace."""
         copy_tensors_(self._ws_shared, self._global_list)

@@ -311,6 +311,38 @@ class FedMethod:
         """PM logits (the workspace holds the global state plus the client's personal state)."""
         return self.model(x)
 
+    # -- batched PM evaluation -------------------------------------------------------------------------------
+    @property
+    def pm_shares_features(self) -> bool:
+        """Whether every client's PM logits are ``pm_logits(pm_features(x), k)`` with features that do not depend
+        on the client (a personal head on the shared body).
+
+        The evaluator then computes the features of the test images once per evaluation, with the global state,
+        and applies each client's personal head to its rows (after ``Simulator.load_personal``), instead of running
+        every client's whole model on its own small batches. Default: true when every personal model key is a
+        classifier key (``head.``), the model is a plain ``head(forward_features(x))`` and the method keeps the
+        default ``prepare_personal`` and ``predict_personal``. A method that overrides those and still has this
+        structure declares it by overriding this property (and :meth:`pm_logits`).
+        """
+        from fedlt.models.base import FedModel
+
+        cls = type(self)
+        keys = getattr(self, "personal_keys", ())
+        model = getattr(self, "model", None)
+        return (bool(keys) and all(k.startswith("head.") for k in keys)
+                and cls.predict_personal is FedMethod.predict_personal
+                and cls.prepare_personal is FedMethod.prepare_personal
+                and isinstance(model, FedModel) and type(model).forward is FedModel.forward)
+
+    def pm_features(self, x: Tensor) -> Tensor:
+        """The shared features of a test batch for :meth:`pm_logits` (the workspace holds the global state)."""
+        return self.model.forward_features(x)
+
+    def pm_logits(self, features: Tensor, client_id: int) -> Tensor:
+        """PM logits from :meth:`pm_features` (the workspace holds the client's personal state on top of the
+        global state); equals ``predict_personal`` on the same images."""
+        return self.model.head(features)
+
     # -- server half -----------------------------------------------------------------------------------------
     def configure_reducer(self) -> Reducer:
         """The server half used by this method."""

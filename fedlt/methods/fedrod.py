@@ -109,5 +109,13 @@ class FedRoD(FedAvg):
 
     def predict_personal(self, x: Tensor, client_id: int) -> Tensor:
         """PM: z_g + h_k(f(x)) (the workspace holds the client's personal head)."""
-        features = self.model.forward_features(x)
+        return self.pm_logits(self.model.forward_features(x), client_id)
+
+    @property
+    def pm_shares_features(self) -> bool:
+        """The body is shared: only ``p_head`` is personal, so the evaluator applies the heads to shared features."""
+        return all(k.startswith(_PERSONAL) for k in getattr(self, "personal_keys", ()))
+
+    def pm_logits(self, features: Tensor, client_id: int) -> Tensor:
+        """z_g + h_k(features)."""
         return self.model.head(features) + self.model.p_head(features)

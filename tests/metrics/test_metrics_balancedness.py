@@ -242,3 +242,26 @@ def test_simulated_two_rank_sync_equals_whole(make) -> None:
     _assert_same(first.compute(), whole.compute())
     for name, local in mine.items():  # unsynced afterwards: the local shard is kept, still integer counts
         assert torch.equal(getattr(first, name), local) and local.dtype == torch.long, name
+
+
+def test_vectorized_personal_balancedness_equals_the_per_client_candidates():
+    """The (K, C) table's per-client candidates, computed for all clients at once, equal the one-row function's
+    averaged over the clients that define them (random tables with absent classes and clients)."""
+    import math
+
+    from fedlt.metrics.functional import BALANCEDNESS_KINDS, _balancedness_candidates, _personal_balancedness
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        k, c = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 25, (1,), generator=g))
+        total = torch.randint(0, 6, (k, c), generator=g) * (torch.rand(k, c, generator=g) > 0.4)
+        correct = (total * torch.rand(k, c, generator=g)).floor().long()
+        predicted = torch.randint(0, 5, (k, c), generator=g) if trial % 3 else None
+        rows = [_balancedness_candidates(correct[i], total[i], None if predicted is None else predicted[i])
+                for i in range(k) if total[i].sum() > 0]
+        got = _personal_balancedness(correct, total, predicted)
+        for key in BALANCEDNESS_KINDS.values():
+            values = [r[key] for r in rows if not math.isnan(r[key])]
+            want = sum(values) / len(values) if values else math.nan
+            assert (math.isnan(want) and math.isnan(got[f"{key}_mean"])) or got[f"{key}_mean"] == pytest.approx(
+                want, rel=1e-12, abs=1e-15), (trial, key)
