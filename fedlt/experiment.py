@@ -13,6 +13,9 @@ from fedlt.callbacks.progress import ProgressBar
 from fedlt.callbacks.report import final_report, format_table
 from fedlt.config import LoggingConfig, ModelConfig, TrainerConfig
 from fedlt.engine.checkpoint import (
+    CKPT_DIR,
+    CLIENTS_DIR,
+    ClientJournal,
     PreemptionFlag,
     checkpoint_path,
     latest_checkpoint,
@@ -182,6 +185,10 @@ class Experiment:
             # Disk client state a killed process wrote after the checkpoint (or, without one, in any round: a run
             # killed before its first checkpoint starts afresh and must not read its predecessor's client files).
             sim.store.discard_after(sim.round)
+        manifest = ckpt["simulator"]["store"].get("journal") if ckpt is not None else None
+        self._journal = ClientJournal(Path(self.run_dir) / CKPT_DIR / CLIENTS_DIR)
+        self._journal.restore(manifest if self.is_rank_zero else None)
+        self._ckpt_bases = {sim.round: int(manifest["base_round"])} if manifest else {}
         sim.comm.barrier()
         if ckpt is not None:
             self._print(f"resumed from {ckpt_file} (round {sim.round})")
@@ -341,15 +348,31 @@ class Experiment:
                 return
 
     def _checkpoint(self, sim: Simulator, history: dict) -> None:
-        state = sim.state_dict()  # every rank participates (none today, but keep it collective-safe)
+        state = sim.state_dict(client_states=False)  # every rank participates (none today, but keep it safe)
+        dirty = sim.store.take_dirty()  # on every rank, so that no rank's set grows without bound
         if self.is_rank_zero:
+            if sim.store.mode != "disk":  # the client states go to the journal: only the changed ones
+                manifest = self._journal.record(sim.round, sim.store.states(), dirty)
+                state["store"] = {**state["store"], "journal": manifest}
+                self._ckpt_bases[sim.round] = manifest["base_round"]
             save_atomic({"simulator": state, "history": history, "wandb_id": self._wandb_id,
                          "config": self.config_yaml, "seed": self.seed}, checkpoint_path(self.run_dir, sim.round))
             prune_checkpoints(self.run_dir, self.trainer_cfg.keep_checkpoints)
+            if sim.store.mode != "disk" and self.trainer_cfg.keep_checkpoints > 0:
+                kept = list_checkpoints(self.run_dir)
+                if kept:
+                    self._journal.prune(self._base_round(*kept[0]))
         sim.comm.barrier()
         kept = list_checkpoints(self.run_dir) if self.trainer_cfg.keep_checkpoints > 0 else []
         if kept:  # disk client state: versions that no kept checkpoint can need may go
             sim.store.retain_from(kept[0][0])
+
+    def _base_round(self, round: int, path: Path) -> int:
+        """The journal base round of a kept checkpoint (read from the file for one written before a resume)."""
+        if round not in self._ckpt_bases:
+            store = torch.load(path, map_location="cpu", weights_only=False)["simulator"]["store"]
+            self._ckpt_bases[round] = int(store.get("journal", {}).get("base_round", 0))
+        return self._ckpt_bases[round]
 
     def _loggers(self, resume_round: int | None, ckpt: dict | None) -> tuple[Any, Any]:
         """Rank 0's CSV and W&B loggers (``None`` elsewhere); a resumed run continues its W&B run."""

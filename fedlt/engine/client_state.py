@@ -55,6 +55,7 @@ class ClientStateStore:
         self._dtypes: dict[str, torch.dtype] = {}
         self.round = 0  # the round being trained (disk versions); the last completed one between rounds
         self._retain = 0  # disk: versions older than the newest one at or before this round are not needed
+        self._dirty: set[int] = set()  # memory / cpu: clients stored since the last take_dirty (checkpoints)
 
     def begin_round(self, round: int) -> None:
         """Puts from now on belong to ``round``; gets read versions written in rounds <= ``round``."""
@@ -119,6 +120,17 @@ class ClientStateStore:
             self._put_disk(client_id, state)
             return
         self._mem[client_id] = {k: v.detach().to(self._home, copy=True) for k, v in state.items()}
+        self._dirty.add(client_id)
+
+    def take_dirty(self) -> set[int]:
+        """The clients whose state was stored (or received from another rank) since the last call; resets it.
+        The checkpoint of a memory or cpu store writes only these clients' states (``ClientJournal``)."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    def states(self) -> dict[int, dict[str, Tensor]]:
+        """Every stored client's tensors as held (memory / cpu modes; not copies: read only)."""
+        return self._mem
 
     def _put_disk(self, client_id: int, state: dict[str, Tensor]) -> None:
         folder = self._folder(client_id)
@@ -171,6 +183,7 @@ class ClientStateStore:
             if cid not in mine_set:
                 views = layout.views(buf[row])
                 self._mem[cid] = {k: v.to(self._home, dtype=self._dtypes[k], copy=True) for k, v in views.items()}
+                self._dirty.add(cid)
 
     def state_dict(self) -> dict[str, Any]:
         """For checkpoints: the in-memory states (disk mode lives in its directory already)."""
@@ -186,3 +199,4 @@ class ClientStateStore:
             self.round = int(state.get("round", 0))
             return
         self._mem = {int(c): {k: v.to(self._home) for k, v in s.items()} for c, s in state.get("states", {}).items()}
+        self._dirty = set()

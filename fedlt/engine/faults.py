@@ -11,7 +11,10 @@ The fail points:
 
 * ``client.end``: a client finished its local fit, before its update is accumulated and its state saved;
 * ``store.write``: a disk client-store file was written under its temporary name, before the rename;
-* ``checkpoint.write``: half of a checkpoint's bytes are in its temporary file;
+* ``checkpoint.write``: half of a checkpoint's bytes (or of a checkpoint's client-state file) are in its temporary
+  file;
+* ``checkpoint.clients``: a checkpoint's client-state file (memory / cpu store) is written, before the checkpoint
+  that names it;
 * ``round.end``: a round's server step is done, before the checkpoint (if any) is written.
 """
 

@@ -342,13 +342,15 @@ class Simulator:
         return self.comm.any(flag)
 
     # -- checkpoint state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The full simulation state after the last completed round."""
+    def state_dict(self, client_states: bool = True) -> dict[str, Any]:
+        """The full simulation state after the last completed round (``client_states=False``: without the memory /
+        cpu store's client states, which checkpoints write through ``ClientJournal``)."""
+        store = self.store.state_dict() if client_states or self.store.mode == "disk" else {"mode": self.store.mode}
         return {
             "round": self.round,
             "reducer": self.reducer.state_dict(),
             "method": self.method.server_state_dict(),
-            "store": self.store.state_dict(),
+            "store": store,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

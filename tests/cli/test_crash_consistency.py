@@ -1,7 +1,8 @@
 """kill -9 at seeded instants, then ``--resume auto``: the resumed run equals the uninterrupted one bit for bit.
 
 The instants are fail points (``fedlt.engine.faults``: after a client's local fit, between a disk-store file's
-write and its rename, half-way through a checkpoint write, after a server step) hit a seeded number of times, or
+write and its rename, half-way through a checkpoint write, between a checkpoint's client-state file and the
+checkpoint that names it, after a server step) hit a seeded number of times, or
 a seeded wall-clock delay. Each case crosses a method (FedAvg, FedPer, Ditto, SCAFFOLD: none, personal layers, a
 personal model, control variates), a client store (memory, cpu, disk) and a rank count (1, 2). The whole
 campaign is ``slow``; the default run takes a sample of it.
@@ -22,11 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedlt.engine.checkpoint import load_checkpoint
+
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 ROUNDS = 4
 METHODS = ("FedAvg", "FedPer", "Ditto", "SCAFFOLD")
 STORES = ("memory", "cpu", "disk")
-POINTS = ("client.end", "store.write", "checkpoint.write", "round.end", "timer")
+POINTS = ("client.end", "store.write", "checkpoint.write", "checkpoint.clients", "round.end", "timer")
 _STATEFUL = {"FedPer", "Ditto", "SCAFFOLD"}  # methods that write per-client state
 
 
@@ -73,7 +76,7 @@ def _outcome(run: Path) -> dict:
     with (run / "metrics.csv").open() as f:
         rows = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in csv.DictReader(f)]
     final = json.loads((run / "final.json").read_text())
-    ckpt = torch.load(run / "checkpoints" / f"round_{ROUNDS:05d}.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(run / "checkpoints" / f"round_{ROUNDS:05d}.ckpt")  # the client states reassembled
     sim = ckpt["simulator"] if "simulator" in ckpt else ckpt
     store = sim["store"]
     states = store.get("states", {})
@@ -135,7 +138,9 @@ def _hits(point: str, method: str, store: str, ranks: int) -> int:
     The tiny config trains 4 clients a round: all on one rank, or at least one on each of two."""
     per_rank = ROUNDS * (4 if ranks == 1 else 1)
     return {"client.end": per_rank, "store.write": per_rank if store == "disk" and method in _STATEFUL else 0,
-            "checkpoint.write": 2, "round.end": ROUNDS, "timer": 1}[point]
+            "checkpoint.write": 2, "round.end": ROUNDS, "timer": 1,
+            # a memory / cpu store's client file, written before each checkpoint (rounds 2 and 4)
+            "checkpoint.clients": ROUNDS // 2 if store != "disk" and method in _STATEFUL else 0}[point]
 
 
 def _campaign(kills_per_setting: int = 2) -> list[tuple[str, str, int, str, int, float]]:
@@ -173,9 +178,11 @@ def _kill_and_resume(tmp_path, tmp_path_factory, method, store, ranks, point, co
 
 # The default run: one case per store, each with another method, fail point and rank count. FedPer's 10th disk
 # write is in round 3, after the round-2 checkpoint: the resume must discard the round-3 files of the killed run.
-# SCAFFOLD's 2nd checkpoint write is the last round's: the resume retrains rounds 3-4 from round 2.
+# SCAFFOLD's 4th atomic write is the last round's checkpoint (a checkpoint writes its client-state file first):
+# the resume retrains rounds 3-4 from round 2. FedPer's 2nd client-state file is round 4's, written before round
+# 4's checkpoint: the resume from round 2 writes that file again.
 SAMPLE = [("FedPer", "disk", 1, "store.write", 10, 0.0), ("Ditto", "cpu", 2, "client.end", 3, 0.0),
-          ("SCAFFOLD", "memory", 1, "checkpoint.write", 2, 0.0)]
+          ("SCAFFOLD", "memory", 1, "checkpoint.write", 4, 0.0), ("FedPer", "cpu", 2, "checkpoint.clients", 2, 0.0)]
 
 
 @pytest.mark.parametrize("method, store, ranks, point, count, delay", SAMPLE,
