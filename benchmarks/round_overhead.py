@@ -1,7 +1,7 @@
 """Round time of fedlt's engine against a plain PyTorch FedAvg loop on the fixed workloads W1 and W2.
 
-The workloads, the timing rule and the reference sampler / permutation are specified in
-``shared/bench/workloads.md`` ("How fedlt is timed on these workloads"). Both implementations run the same
+The workloads (their data generation and checksums), the timing rule and the reference sampler / permutation are
+defined in this file (``WORKLOADS``, ``ReferenceSampler``, ``permutation_seed``). Both implementations run the same
 computation in one process, alternating in passes, and the figure of merit is the ratio fedlt / plain loop of
 the medians of 10 timed rounds (after 2 warm-up rounds): the machine's drift between processes cancels.
 
@@ -52,7 +52,7 @@ _CHECKSUM_TOL = 1e-5  # the spec quotes the float64 sums to 6 decimals
 
 @dataclass(frozen=True)
 class Workload:
-    """One workload of workloads.md: data shape, model, cohort and local SGD settings."""
+    """One fixed workload: data shape, model, cohort and local SGD settings."""
 
     name: str
     num_clients: int
