@@ -74,7 +74,7 @@ WORKLOADS = {
 
 
 def make_data(w: Workload) -> tuple[Tensor, Tensor]:
-    """Generates the workload's data to the letter of workloads.md and verifies its checksums.
+    """Generates the workload's data (a fixed recipe) and verifies its checksums.
 
     Returns:
         ``x`` of shape (N, n, ...) and ``y`` of shape (N, n); client ``c`` owns ``x[c], y[c]``.

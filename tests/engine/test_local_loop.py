@@ -24,7 +24,7 @@ def test_epochs_are_permutations_of_the_client_indices():
 
 
 def test_reference_order_matches_plain_randperm():
-    """The first epoch is ``idx[randperm(n, generator)]`` cut in order (the reference loop of benchmarks/round_overhead.py)."""
+    """The first epoch is ``idx[randperm(n, generator)]`` cut in order (the reference loop of the round benchmark)."""
     idx = torch.arange(20)
     batches = LocalTrainer(None).batch_indices(idx, _ctx(7), batch_size=10, epochs=1)
     ref = torch.randperm(20, generator=torch.Generator().manual_seed(7))
