@@ -14,7 +14,6 @@ checkpoint holding every client's state writes every round (before the journal),
 from __future__ import annotations
 
 import argparse
-import io
 import resource
 import sys
 import tempfile
@@ -23,10 +22,15 @@ from pathlib import Path
 import torch
 
 
-def _size(obj) -> int:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getbuffer().nbytes
+def _nbytes(obj) -> int:
+    """Tensor bytes in a nested state (what a checkpoint of it writes, less a little pickle overhead)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def measure(k: int, rounds: int, train_per_client: int) -> dict[str, float]:
@@ -66,7 +70,7 @@ def measure(k: int, rounds: int, train_per_client: int) -> dict[str, float]:
             (Path(tmp) / f"round_{r:05d}.ckpt").unlink()
         personal = sum(t.numel() * t.element_size() for t in next(iter(sim.store.states().values())).values())
         global_bytes = sum(t.numel() * t.element_size() for t in sim.global_state.values())
-        full = _size(sim.state_dict())
+        full = _nbytes(sim.state_dict())
     steady = written[1:] if len(written) > 1 else written  # round 1 writes the base: every client's state
     return {"K": k, "per_round": sum(steady) / len(steady), "first": written[0],
             "target": 10 * personal + global_bytes, "full": full,
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     print("| K | bytes / round (rounds 2+) | round 1 | target: cohort x personal + global | ratio | "
-          "full-state checkpoint | peak RSS (GB) |")
+          "full-state checkpoint (tensor bytes) | peak RSS (GB) |")
     print("|---|---|---|---|---|---|---|")
     for k in a.clients:
         r = measure(k, a.rounds, a.train_per_client)

@@ -27,7 +27,8 @@ __all__ = ["ClientJournal", "PreemptionFlag", "checkpoint_path", "latest_checkpo
 CKPT_DIR = "checkpoints"
 CLIENTS_DIR = "clients"
 _CKPT_RE = re.compile(r"round_(\d+)\.ckpt$")
-_CLIENT_FILE_RE = re.compile(r"(base|delta)_r(\d+)\.pt$")
+_CLIENT_FILE_RE = re.compile(r"(base|delta)_r(\d+)(?:_p\d+)?\.pt$")
+PART_BYTES = 128 * 2**20  # a client file holds at most about this many tensor bytes: bounds the write buffer
 
 
 def save_atomic(obj: Any, path: str | Path) -> Path:
@@ -148,17 +149,32 @@ class ClientJournal:
         if (self.chain and not delta) or (not self.chain and not states):  # nothing (new) to write
             return {"base_round": self.base_round, "files": list(self.chain)}
         if not self.chain or self._chain_bytes + _nbytes(delta) > max(self._base_bytes, 1):
-            name = f"base_r{round:06d}.pt"
-            path = save_atomic({int(c): s for c, s in states.items()}, self.folder / name)
-            self.chain, self.base_round = [name], round
-            self._base_bytes, self._chain_bytes = path.stat().st_size, 0
+            names = self._write(f"base_r{round:06d}", states)
+            self.chain, self.base_round = names, round
+            self._base_bytes, self._chain_bytes = sum((self.folder / n).stat().st_size for n in names), 0
         else:
-            name = f"delta_r{round:06d}.pt"
-            path = save_atomic(delta, self.folder / name)
-            self.chain.append(name)
-            self._chain_bytes += path.stat().st_size
+            names = self._write(f"delta_r{round:06d}", delta)
+            self.chain += names
+            self._chain_bytes += sum((self.folder / n).stat().st_size for n in names)
         failpoint("checkpoint.clients")
         return {"base_round": self.base_round, "files": list(self.chain)}
+
+    def _write(self, stem: str, states: dict[int, dict[str, torch.Tensor]]) -> list[str]:
+        """Writes ``states`` as ``<stem>.pt``, or as ``<stem>_p<i>.pt`` parts of at most ``PART_BYTES`` each (so
+        that serialising a base of many clients never needs a second copy of all of them in memory)."""
+        parts: list[dict[int, dict[str, torch.Tensor]]] = [{}]
+        size = 0
+        for c, state in states.items():
+            n = sum(t.numel() * t.element_size() for t in state.values())
+            if parts[-1] and size + n > PART_BYTES:
+                parts.append({})
+                size = 0
+            parts[-1][int(c)] = state
+            size += n
+        names = [f"{stem}.pt"] if len(parts) == 1 else [f"{stem}_p{i}.pt" for i in range(len(parts))]
+        for name, part in zip(names, parts):
+            save_atomic(part, self.folder / name)
+        return names
 
     @staticmethod
     def read(folder: str | Path, manifest: dict[str, Any]) -> dict[int, dict[str, torch.Tensor]]:

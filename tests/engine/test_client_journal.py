@@ -122,3 +122,21 @@ def test_resume_continues_the_chain(tmp_path, store):
     assert resumed["states"].keys() == want["states"].keys()
     for c, state in want["states"].items():
         assert all(torch.equal(resumed["states"][c][k], v) for k, v in state.items())
+
+
+def test_a_large_base_is_written_in_parts(tmp_path, monkeypatch):
+    import fedlt.engine.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "PART_BYTES", 1000)  # 256-byte states: three clients per part
+    journal = ClientJournal(tmp_path)
+    states = _states(10, 0.0)
+    manifest = journal.record(1, states, set(range(10)))
+    assert manifest["files"] == [f"base_r000001_p{i}.pt" for i in range(4)]
+    states[3] = {"w": torch.zeros(64)}
+    manifest = journal.record(2, states, {3})
+    got = ClientJournal.read(tmp_path, manifest)
+    assert all(torch.equal(got[c]["w"], states[c]["w"]) for c in states)
+    journal.prune(oldest_base_round=manifest["base_round"])  # the round-2 checkpoint needs every part
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(manifest["files"])
+    journal.prune(oldest_base_round=2)  # once no kept checkpoint's chain starts before round 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta_r000002.pt"]
