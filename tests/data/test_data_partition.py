@@ -172,6 +172,7 @@ def test_vectorized_dirichlet_equals_the_loop_over_clients(k: int, alpha: float,
 def test_partitions_at_scale_keep_their_invariants(n: int, k: int) -> None:
     """Each partitioner at 10^4 and 10^5 clients (100 classes, alpha 0.05): an exact cover, sorted int64 indices,
     and the partitioner's own property (min size; capacity; the proportions recorded)."""
+    from fedlt.data.equal_partition import DirichletPrior, GroupedDirichlet
     from fedlt.data.pooled_partition import DirichletNoCap
 
     labels = np.random.default_rng(0).integers(0, 100, n)
@@ -181,8 +182,13 @@ def test_partitions_at_scale_keep_their_invariants(n: int, k: int) -> None:
     sizes = np.array([p.size for p in result.indices])
     assert sizes.max() <= n / k + counts.max()  # the capacity rule
     np.testing.assert_allclose(result.proportions.sum(1), 1.0)
-    for part in (DirichletNoCap(0.05), IID()):
+    for part in (DirichletNoCap(0.05), IID(), Shards(2)):
         _assert_exact_cover(part.split(labels, k, 0).indices, n)
+    for part in (DirichletPrior(1.0), GroupedDirichlet(0.05)):  # P-D and P-C: equal client sizes
+        indices = part.split(labels, k, 0).indices
+        _assert_exact_cover(indices, n)
+        sizes = np.array([p.size for p in indices])
+        assert sizes.max() - sizes.min() <= 1
     _assert_exact_cover(dirichlet_per_sample_partition(labels, k, 0.05, 0), n)
     with pytest.raises(PartitionError, match="tries in"):
         Dirichlet(0.05, min_size=1, max_seconds=1.0).split(labels, k, 0)
