@@ -63,8 +63,8 @@ def measure(k: int, rounds: int, train_per_client: int) -> dict[str, float]:
             manifest = journal.record(r, sim.store.states(), sim.store.take_dirty())
             state["store"] = {**state["store"], "journal": manifest}
             ckpt = save_atomic({"simulator": state}, Path(tmp) / f"round_{r:05d}.ckpt")
-            new = manifest["files"] != previous  # this checkpoint wrote a client file (the chain's last one)
-            client_bytes = (Path(tmp) / "clients" / manifest["files"][-1]).stat().st_size if new else 0
+            new = [f for f in manifest["files"] if f not in (previous or [])]  # the files this checkpoint wrote
+            client_bytes = sum((Path(tmp) / "clients" / f).stat().st_size for f in new)
             written.append(ckpt.stat().st_size + client_bytes)
             previous = manifest["files"]
             (Path(tmp) / f"round_{r:05d}.ckpt").unlink()
