@@ -173,9 +173,11 @@ class PlainLoop:
         return dict(zip(self.names, self.global_weights))
 
 
-def build_simulator(fabric: Any, w: Workload, x: Tensor, y: Tensor, rounds: int, exact: bool = True) -> Simulator:
+def build_simulator(fabric: Any, w: Workload, x: Tensor, y: Tensor, rounds: int, exact: bool = True,
+                    vectorized: bool = False) -> Simulator:
     """fedlt's engine on the same data, model, sampler and permutations (set up, not yet run); ``exact``: the
-    exact, world-size-invariant reduction (the default) or the float sum."""
+    exact, world-size-invariant reduction (the default) or the float sum; ``vectorized``: the cohort's clients
+    trained together (``trainer.vectorize_cohort``)."""
     flat_x, flat_y = x.reshape(-1, *x.shape[2:]), y.reshape(-1)
     indices = [torch.arange(c * w.samples, (c + 1) * w.samples) for c in range(w.num_clients)]
     data = FederatedDataset.from_tensors(flat_x, flat_y, flat_x[: w.samples], flat_y[: w.samples], indices, 10)
@@ -183,7 +185,7 @@ def build_simulator(fabric: Any, w: Workload, x: Tensor, y: Tensor, rounds: int,
     sim = Simulator(
         fabric, data, initial_model(w), method, rounds=rounds, clients_per_round=w.cohort, eval_every=0,
         cohort_sampler=ReferenceSampler(w.num_clients, w.cohort), client_seed_fn=permutation_seed,
-        exact_reduction=exact,
+        exact_reduction=exact, vectorize_cohort=vectorized,
     )
     return sim.setup()
 
@@ -287,6 +289,20 @@ class Bench:
         self.fedlt_cpu = list(self.last_cpu)
         return plain, fedlt, startup
 
+    def run_vectorized_pass(self) -> list[float]:
+        """One fedlt run with vectorized cohorts (the same rounds, clients trained together)."""
+        sim = build_simulator(self.fabric, self.w, self.x, self.y, WARMUP_ROUNDS + TIMED_ROUNDS, vectorized=True)
+        return self._time(sim.run_round, WARMUP_ROUNDS + TIMED_ROUNDS)
+
+    def check_vectorized(self) -> float:
+        """Max abs difference between vectorized and sequential fedlt after the check's rounds."""
+        a = build_simulator(self.fabric, self.w, self.x, self.y, CHECK_ROUNDS)
+        b = build_simulator(self.fabric, self.w, self.x, self.y, CHECK_ROUNDS, vectorized=True)
+        for r in range(1, CHECK_ROUNDS + 1):
+            a.run_round(r)
+            b.run_round(r)
+        return max(float((a.global_state[k] - v).abs().max()) for k, v in b.global_state.items())
+
     def run_float_pass(self) -> list[float]:
         """One fedlt run with the float (order-dependent) reduction, for the cost of the exact one."""
         sim = build_simulator(self.fabric, self.w, self.x, self.y, WARMUP_ROUNDS + TIMED_ROUNDS, exact=False)
@@ -322,7 +338,7 @@ class Bench:
 
 
 def bench_workload(fabric: Any, w: Workload, passes: int, default_threads: int, profile: str | None,
-                   float_too: bool = False) -> dict[str, Any]:
+                   float_too: bool = False, vectorized: bool = False) -> dict[str, Any]:
     """Correctness check, then ``passes`` alternating plain / fedlt passes (and fedlt with the float reduction
     with ``float_too``); raises SystemExit(1) on a bad check."""
     bench = Bench(fabric, w, default_threads, profile)
@@ -332,6 +348,10 @@ def bench_workload(fabric: Any, w: Workload, passes: int, default_threads: int, 
     if not diff <= CHECK_TOL:
         raise SystemExit(1)
     result: dict[str, Any] = {"check_max_abs_diff": diff, "cold_first_round_s": bench.cold, "passes": []}
+    if vectorized:
+        result["vectorized_check_max_abs_diff"] = bench.check_vectorized()
+        _say(fabric, f"{w.name}: vectorized vs sequential fedlt after {CHECK_ROUNDS} rounds: max abs difference "
+                     f"{result['vectorized_check_max_abs_diff']:.3e}")
     for _ in range(passes):
         plain, fed, startup = bench.run_pass()
         if plain is None:
@@ -345,16 +365,27 @@ def bench_workload(fabric: Any, w: Workload, passes: int, default_threads: int, 
             result["passes"][-1].update(fedlt_float=fl, exact_vs_float=fs["median"] / fl["median"],
                                         cpu_exact=cpu_exact, cpu_float=cpu_float,
                                         exact_vs_float_cpu=cpu_exact["median"] / cpu_float["median"])
+        if vectorized:
+            vec = _summary(bench.run_vectorized_pass())
+            cpu_vec = _summary(bench.last_cpu)
+            result["passes"][-1].update(fedlt_vectorized=vec, vectorized_vs_plain=vec["median"] / ps["median"],
+                                        cpu_vectorized=cpu_vec)
     if profile:
         bench.profile_fedlt()
     result["peak_rss_mb_per_rank"] = bench.peak_rss()
-    if result["passes"]:
-        ratios = [p["ratio"] for p in result["passes"]]
-        result["ratio_median"] = statistics.median(ratios)
-        if float_too:
-            result["exact_vs_float_median"] = statistics.median(p["exact_vs_float"] for p in result["passes"])
-            result["exact_vs_float_cpu_median"] = statistics.median(p["exact_vs_float_cpu"] for p in result["passes"])
+    _medians(result)
     return result
+
+
+def _medians(result: dict[str, Any]) -> None:
+    """The medians over passes of every per-pass ratio the passes hold."""
+    passes = result["passes"]
+    if not passes:
+        return
+    result["ratio_median"] = statistics.median(p["ratio"] for p in passes)
+    for key in ("exact_vs_float", "exact_vs_float_cpu", "vectorized_vs_plain"):
+        if key in passes[0]:
+            result[f"{key}_median"] = statistics.median(p[key] for p in passes)
 
 
 # -- reporting ----------------------------------------------------------------------------------------------
@@ -384,6 +415,9 @@ def print_table(name: str, res: dict[str, Any], devices: int) -> None:
               f"{res['exact_vs_float_median']:.3f} ({per})")
         cpu = ", ".join(f"{p['exact_vs_float_cpu']:.3f}" for p in res["passes"])
         print(f"exact/float in process CPU time per round: median {res['exact_vs_float_cpu_median']:.3f} ({cpu})")
+    if "vectorized_vs_plain_median" in res:
+        per = ", ".join(f"{p['vectorized_vs_plain']:.3f}" for p in res["passes"])
+        print(f"fedlt with vectorized cohorts / plain loop: median {res['vectorized_vs_plain_median']:.3f} ({per})")
     cold, setup = res["cold_first_round_s"], res["passes"][0]["fedlt_startup_s"]
     print(f"cold start: first round in this process plain {cold['plain'] * 1e3:.1f} ms, fedlt "
           f"{cold['fedlt'] * 1e3:.1f} ms; fedlt data+Simulator setup {setup * 1e3:.1f} ms")
@@ -400,6 +434,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--check", action="store_true", help="only run the correctness check")
     ap.add_argument("--float-reduction", action="store_true",
                     help="also time fedlt with trainer.exact_reduction false in every pass (the exact sums' cost)")
+    ap.add_argument("--vectorized", action="store_true",
+                    help="also time fedlt with trainer.vectorize_cohort true in every pass")
     ap.add_argument("--json", help="write the results to this JSON file")
     ap.add_argument("--profile", metavar="PREFIX",
                     help="after the passes, cProfile one extra fedlt run (not in the ratios) into PREFIX.<workload>")
@@ -430,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not diff <= CHECK_TOL:
                 return 1
             continue
-        res = bench_workload(fabric, w, args.passes, default_threads, args.profile, args.float_reduction)
+        res = bench_workload(fabric, w, args.passes, default_threads, args.profile, args.float_reduction,
+                             args.vectorized)
         out["workloads"][name] = res
         if fabric.global_rank == 0:
             print_table(name, res, args.devices)

@@ -25,6 +25,9 @@ class TrainerConfig:
         exact_reduction: aggregate client contributions with exact, order-independent fixed-point sums, so that
             1, 2 or N ranks give bitwise identical results; ``false`` sums in float (faster for very large models,
             results then differ across world sizes in the last bits).
+        vectorize_cohort: train a rank's clients of a round simultaneously (stacked parameters, ``torch.func``)
+            instead of one after another; for the methods that support it (``fedlt.engine.vectorized``), equal to
+            the sequential engine up to float rounding.
     """
 
     rounds: int = 50
@@ -39,6 +42,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     eval_batch_size: int = 512
     exact_reduction: bool = True
+    vectorize_cohort: bool = False
 
     def __post_init__(self) -> None:
         # Ranges are checked here, when the config is instantiated: before any file or W&B run exists.

@@ -112,8 +112,14 @@ class Experiment:
         sim = Simulator(self.fabric, self.data, model, self.method, rounds=t.rounds,
                         clients_per_round=t.clients_per_round, eval_every=t.eval_every, seed=self.seed,
                         client_state=t.client_state, run_dir=self.run_dir, eval_batch_size=t.eval_batch_size,
-                        precision=t.precision, exact_reduction=t.exact_reduction)
-        return sim.setup()
+                        precision=t.precision, exact_reduction=t.exact_reduction,
+                        vectorize_cohort=t.vectorize_cohort)
+        from fedlt.engine.vectorized import VectorizationError
+
+        try:
+            return sim.setup()
+        except VectorizationError as err:  # an unsupported method or model for trainer.vectorize_cohort
+            raise UserError(str(err)) from None
 
     @property
     def is_rank_zero(self) -> bool:

@@ -83,6 +83,7 @@ class Simulator:
         cohort_sampler: Callable[[int, int, int, int], Sequence[int]] | None = None,
         client_seed_fn: Callable[[int, int, int], int] | None = None,
         exact_reduction: bool = True,
+        vectorize_cohort: bool = False,
     ) -> None:
         self.fabric = fabric
         self.data = data
@@ -98,6 +99,8 @@ class Simulator:
         self.precision = precision
         self.cohort_sampler = cohort_sampler or sample_cohort
         self.client_seed_fn = client_seed_fn or client_seed
+        self.vectorize_cohort = vectorize_cohort
+        self._vectorized = None  # a VectorizedCohort once set up with vectorize_cohort
         self.exact_reduction = exact_reduction
         self.round = 0  # last completed round
         self.comm = Comm(fabric)  # the one view of the other ranks (a single process without Fabric)
@@ -158,6 +161,10 @@ class Simulator:
             torch.bincount(self.data.train.y[i], minlength=self.data.num_classes).float()
             for i in self.data.client_indices
         ]
+        if self.vectorize_cohort:
+            from fedlt.engine.vectorized import VectorizedCohort  # torch.func: only for runs that use it
+
+            self._vectorized = VectorizedCohort(self)  # refuses an unsupported method / model / precision
         self._is_setup = True
         return self
 
@@ -243,8 +250,9 @@ class Simulator:
         client_sums: list[dict[str, Tensor]] = []
         total_steps = 0
         self.model.train()
-        for cid in mine:
-            sums, steps = self.train_client(cid, message)
+        results = self._vectorized.train(mine, message) if self._vectorized is not None else (
+            self.train_client(cid, message) for cid in mine)
+        for sums, steps in results:
             total_steps += steps
             client_sums.append(sums)
         # Agree on the loss (and on a non-finite one) across ranks before touching the global state.

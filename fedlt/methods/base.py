@@ -311,6 +311,19 @@ class FedMethod:
         """PM logits (the workspace holds the global state plus the client's personal state)."""
         return self.model(x)
 
+    # -- vectorized cohorts (fedlt.engine.vectorized) ---------------------------------------------------------
+    # A method trains with ``trainer.vectorize_cohort`` only when its own class body sets ``vectorizable = True``
+    # (never inherited: a subclass that changes the local step must declare it again): the default training step
+    # (``loss(model(x), y, class counts, round)``), one SGD optimizer over the trainable parameters, no client
+    # hooks, plus :meth:`vectorized_penalty`.
+    vectorizable: ClassVar[bool] = False
+
+    def vectorized_penalty(self, params: dict[str, Tensor],
+                           global_params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """A term added to the loss of a vectorized step, as a function of one client's trainable parameters and the
+        broadcast global ones (e.g. FedProx's proximal term), with the loss parts to log; ``None``: none."""
+        return None
+
     # -- batched PM evaluation -------------------------------------------------------------------------------
     @property
     def pm_shares_features(self) -> bool:

@@ -21,6 +21,8 @@ from fedlt.types import PaperRef
 class FedAvg(FedMethod):
     """Federated averaging of locally SGD-trained models (McMahan et al., 2017)."""
 
+    vectorizable = True  # the default local step: trainer.vectorize_cohort may stack its clients
+
     paper = PaperRef(
         title="Communication-Efficient Learning of Deep Networks from Decentralized Data",
         venue="AISTATS 2017",

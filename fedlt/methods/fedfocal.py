@@ -35,6 +35,8 @@ class FedFocal(FedAvg):
             ``Focal(gamma, alpha)``; to combine another loss with FedAvg use ``FedAvg(loss=...)``).
     """
 
+    vectorizable = True  # the default local step: trainer.vectorize_cohort may stack its clients
+
     paper = PaperRef(
         title="Fed-Focal Loss for imbalanced data classification in Federated Learning",
         venue="FL-IJCAI'20 workshop",

@@ -36,6 +36,8 @@ class FedLC(FedAvg):
             ``CalibratedCE(tau)``).
     """
 
+    vectorizable = True  # the default local step: trainer.vectorize_cohort may stack its clients
+
     paper = PaperRef(
         title="Federated Learning with Label Distribution Skew via Logits Calibration",
         venue="ICML 2022",

@@ -29,6 +29,8 @@ class FedPer(FedAvg):
         **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
+    vectorizable = True  # the default local step: trainer.vectorize_cohort may stack its clients
+
     paper = PaperRef(
         title="Federated Learning with Personalization Layers",
         venue="arXiv 2019",

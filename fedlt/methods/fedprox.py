@@ -41,6 +41,17 @@ class FedProx(FedAvg):
             raise ValueError(f"mu must be >= 0, got {mu}")
         self.mu = mu
 
+    vectorizable = True
+
+    def vectorized_penalty(self, params: dict[str, Tensor],
+                           global_params: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """(mu/2) ||w - w^t||^2 over the aggregated trainable parameters (as :meth:`training_step`)."""
+        if self.mu == 0:
+            return None
+        prox = torch.stack([(params[k] - g).pow(2).sum() for k, g in global_params.items()
+                            if k in self.shared_tensors]).sum()
+        return 0.5 * self.mu * prox, {"prox": prox}
+
     def on_client_start(self, ctx: ClientContext) -> None:
         # Pairs (local parameter, global tensor) over the aggregated trainable parameters.
         named = dict(self.model.named_parameters())

@@ -1,0 +1,120 @@
+"""Vectorized cohorts (``trainer.vectorize_cohort``): every supported method trains to the sequential engine's
+global model, client states and loss up to float rounding, with uneven client sizes; others are refused.
+
+"Up to float rounding" over several rounds: the batched kernels sum in another order (differences of about 1e-8),
+and in a ReLU / max-pool network such a difference now and then moves a pre-activation across 0 or swaps a
+max-pool winner, which changes that step's gradient by far more than 1e-8. So the rounds are compared by the
+size of the difference against the size of the update (below 1 %), and one step from identical parameters is
+compared exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run, tiny_sim
+
+from fedlt.cli import main
+from fedlt.engine.vectorized import VectorizationError
+from fedlt.methods.fedavg import FedAvg
+from fedlt.methods.fedfocal import FedFocal
+from fedlt.methods.fedlc import FedLC
+from fedlt.methods.fedper import FedPer
+from fedlt.methods.fedprox import FedProx
+from fedlt.methods.fedrod import FedRoD
+from fedlt.methods.ratioloss import RatioLoss
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+
+CASES = {
+    "fedavg-momentum-wd": lambda: FedAvg(lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=16),
+    "fedavg-steps": lambda: FedAvg(lr=0.05, batch_size=16, local_steps=7),
+    "fedprox-clip": lambda: FedProx(mu=0.5, lr=0.05, momentum=0.5, batch_size=16, grad_clip=0.5),
+    "fedper": lambda: FedPer(lr=0.05, momentum=0.5, batch_size=16),
+    "fedfocal": lambda: FedFocal(gamma=2.0, lr=0.05, batch_size=16),
+    "fedlc": lambda: FedLC(tau=1.0, lr=0.05, batch_size=16),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vectorized_cohorts_equal_the_sequential_engine(name):
+    seq = tiny_sim(CASES[name](), rounds=3, clients_per_round=5)
+    vec = tiny_sim(CASES[name](), rounds=3, clients_per_round=5, vectorize_cohort=True)
+    sizes = [int(i.numel()) for i in seq.data.client_indices]
+    assert len(set(sizes)) > 1  # uneven clients: different step counts and last-batch sizes
+    start = {k: v.clone() for k, v in vec.global_state.items()}
+    want, got = run(seq), run(vec)
+    assert all(not torch.equal(vec.global_state[k], v) for k, v in start.items())  # every tensor trained
+    for w, g in zip(want, got):
+        assert w.keys() == g.keys()
+        for key in (k for k in w if not k.startswith("time/")):
+            assert g[key] == pytest.approx(w[key], rel=1e-3), key
+    for key, value in seq.global_state.items():
+        moved = (value - start[key]).norm()
+        assert (vec.global_state[key] - value).norm() <= 0.01 * moved, key
+    a, b = seq.store.state_dict()["states"], vec.store.state_dict()["states"]
+    assert a.keys() == b.keys()
+    for cid, state in a.items():
+        for key, value in state.items():
+            assert (b[cid][key] - value).norm() <= 0.01 * (value - seq._default_personal[key[6:]]).norm(), key
+    assert seq.evaluate() == pytest.approx(vec.evaluate(), abs=0.02, nan_ok=True)
+
+
+@pytest.mark.parametrize("make, model, match", [
+    (lambda: FedRoD(lr=0.05), "cnn", "FedRoD does not declare support"),
+    (lambda: RatioLoss(lr=0.05), "cnn", "RatioLoss does not declare support"),  # a FedAvg subclass: not inherited
+    (lambda: FedAvg(lr=0.05), "resnet8", "BatchNorm"),
+])
+def test_unsupported_methods_and_models_are_refused(make, model, match):
+    with pytest.raises(VectorizationError, match=match):
+        tiny_sim(make(), model=model, rounds=1, vectorize_cohort=True)
+
+
+def test_the_cli_refuses_with_exit_2_and_writes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main(["fit", "--config", TINY, "--run_dir", str(run_dir), "--method", "FedRoD",
+                 "--trainer.vectorize_cohort", "true", "--logging.wandb", "false"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "vectorize_cohort" in err and "FedRoD" in err and "Traceback" not in err
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def test_a_vectorized_cli_run_trains(tmp_path):
+    run_dir = tmp_path / "run"
+    code = main(["fit", "--config", TINY, "--run_dir", str(run_dir), "--method", "FedProx",
+                 "--trainer.vectorize_cohort", "true", "--trainer.rounds", "2", "--logging.wandb", "false",
+                 "--logging.progress_bar", "false"])
+    assert code in (0, None)
+    assert (run_dir / "final.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["fedprox-clip", "fedper"])
+def test_one_vectorized_step_equals_the_sequential_step(name, monkeypatch):
+    """From identical parameters, one local step of every client: the vectorized gradients, clipping, momentum
+    and weight decay give the sequential engine's parameters to float rounding."""
+    from fedlt.engine.vectorized import VectorizedCohort
+
+    seq = tiny_sim(CASES[name](), rounds=1, clients_per_round=5)
+    vec = tiny_sim(CASES[name](), rounds=1, clients_per_round=5, vectorize_cohort=True)
+    for sim in (seq, vec):
+        sim.method.local_steps = 1
+    message = seq.reducer.broadcast(1)
+    clients = [0, 2, 3, 5]
+    after = {}
+    for cid in clients:
+        seq.train_client(cid, message)
+        after[cid] = {n: p.detach().clone() for n, p in seq.model.named_parameters()}
+    captured = {}
+    real = VectorizedCohort._fold
+
+    def fold(self, clients_, stacked, fixed, contexts, losses):
+        captured.update({n: v.clone() for n, v in stacked.items()})
+        return real(self, clients_, stacked, fixed, contexts, losses)
+
+    monkeypatch.setattr(VectorizedCohort, "_fold", fold)
+    vec._vectorized.train(clients, vec.reducer.broadcast(1))
+    for row, cid in enumerate(clients):
+        for n, value in after[cid].items():
+            torch.testing.assert_close(captured[n][row], value, rtol=1e-5, atol=1e-7, msg=f"{cid} {n}")
