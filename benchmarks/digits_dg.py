@@ -94,7 +94,9 @@ def run_one(row: str, seed: int, root: Path) -> dict:
         t0 = time.time()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(args, env=env, capture_output=True, text=True)
-        if proc.returncode == 2 and "diverged" in proc.stderr:  # a result, not a failure of the benchmark
+        # A diverged run (fedlt's "non-finite training loss" exit, or an exploding update) is a result, not a failure
+        # of the benchmark.
+        if proc.returncode == 2 and ("diverged" in proc.stderr or "non-finite" in proc.stderr):
             print(f"{row} seed {seed}: diverged ({diverged_where(run_dir)})", flush=True)
             return {"diverged": diverged_where(run_dir), "commit": _commit()}
         if proc.returncode != 0:
