@@ -117,6 +117,34 @@ class Reducer:
                 self.extras_sum[k].add_(t.to(self.buffer.dtype))
             self.weight_sum.add_(w)
 
+    def accumulate_stacked(self, weights: Tensor, tensors: dict[str, Tensor]) -> None:
+        """:meth:`accumulate` for many clients at once (vectorized cohorts): ``tensors[key]`` stacks the clients'
+        values along dim 0 and ``weights`` (n,) their weights; no extras. The exact sums get the same terms as n
+        calls of :meth:`accumulate` (each ``w * x`` rounded once to float64, then onto the grid), so the result is
+        bitwise the same."""
+        if not self.exact:
+            with torch.no_grad():
+                for k, acc in self.acc.items():
+                    w = weights.to(tensors[k].device, torch.float64).view(-1, *([1] * (tensors[k].dim() - 1)))
+                    acc.add_((tensors[k].to(torch.float64) * w).sum(0).to(acc.dtype))
+                self.weight_sum.add_(float(weights.sum()))
+            return
+        w = weights.to(self.buffer.device, torch.float64).view(-1, 1)
+        columns = []
+        for name in self._exact_names[:-1]:
+            if name not in self.acc:  # an extra: accumulate_stacked takes none
+                columns.append(torch.zeros(len(w), self._segment_numel(name), dtype=torch.float64,
+                                           device=w.device))
+            else:
+                columns.append(tensors[name].detach().reshape(len(w), -1).to(w.device, torch.float64) * w)
+        columns.append(w)
+        self._exact_sum.add_rows_(torch.cat(columns, 1))
+        self._unreduced = True
+
+    def _segment_numel(self, name: str) -> int:
+        """Number of elements of the accumulator segment ``name``."""
+        return int(self.layout.views(self.buffer)[name].numel())
+
     def reduce(self, fabric: Any) -> None:
         """One sum all-reduce of the whole accumulator (idle ranks contribute zeros)."""
         if self.exact:

@@ -118,3 +118,33 @@ def test_one_vectorized_step_equals_the_sequential_step(name, monkeypatch):
     for row, cid in enumerate(clients):
         for n, value in after[cid].items():
             torch.testing.assert_close(captured[n][row], value, rtol=1e-5, atol=1e-7, msg=f"{cid} {n}")
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_stacked_accumulation_equals_one_call_per_client(exact):
+    """The vectorized fold's one accumulation of all clients gives the per-client accumulations' sums (bit for bit
+    with the exact reduction)."""
+    from fedlt.methods.base import Reducer
+    from fedlt.types import ClientUpdate
+
+    g = torch.Generator().manual_seed(0)
+    state = {"w": torch.randn(5, 3, generator=g), "b": torch.randn(3, generator=g)}
+    clients = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in state.items()} for _ in range(4)]
+    weights = [13.0, 7.0, 31.0, 2.0]
+    one, many = Reducer(), Reducer()
+    for r in (one, many):
+        r.exact = exact
+        r.setup({k: v.clone() for k, v in state.items()}, torch.device("cpu"))
+        r.begin_round(1)
+    for c, w in zip(clients, weights):
+        one.accumulate(ClientUpdate(client_id=0, weight=w, tensors=c))
+    many.accumulate_stacked(torch.tensor(weights, dtype=torch.float64),
+                            {k: torch.stack([c[k] for c in clients]) for k in state})
+    for r in (one, many):
+        r.reduce(None)
+        r.server_step(1)
+    for k in state:
+        if exact:
+            assert torch.equal(one.global_state[k], many.global_state[k]), k
+        else:
+            torch.testing.assert_close(one.global_state[k], many.global_state[k])
