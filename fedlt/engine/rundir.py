@@ -29,7 +29,14 @@ RESUME_ALLOWED = (
     "logging.",  # W&B project, tags, group, progress bar
     "name", "run_dir",
     "data.source.init_args.root",  # where the same data set lives (a cluster's mount point)
+    "data.partition.init_args.max_seconds",  # how soon a hopeless draw fails; a partition found is the same
 )
+
+# Settings added in a later fedlt version, with the value that does what the versions before them did: a
+# checkpoint whose config predates the setting resumes when the setting has that value (and only then).
+ADDED_SETTINGS: dict[str, object] = {
+    "trainer.vectorize_cohort": False,
+}
 
 # Not part of what a run computes, nor worth recording: how this invocation was asked to start.
 _NOT_COMPARED = ("resume",)
@@ -140,7 +147,7 @@ def config_changes(old_yaml: str, new_yaml: str) -> tuple[dict[str, tuple[Any, A
     missing = object()
     for key in sorted((set(old) | set(new)) - set(_NOT_COMPARED)):
         a, b = old.get(key, missing), new.get(key, missing)
-        if a == b:
+        if a == b or (a is missing and key in ADDED_SETTINGS and b == ADDED_SETTINGS[key]):
             continue
         pair = (None if a is missing else a, None if b is missing else b)
         (allowed if _allowed(key) else refused)[key] = pair

@@ -81,6 +81,15 @@ def test_config_changes_splits_allowed_from_refused():
     assert refused == {"trainer.eval_every": (1, 2)}
 
 
+def test_a_setting_added_later_resumes_at_its_old_behaviour_only():
+    """A checkpoint from before ``trainer.vectorize_cohort`` existed resumes with the setting off (what fedlt did
+    then), not with it on."""
+    old = "trainer: {rounds: 5}\n"
+    assert config_changes(old, "trainer: {rounds: 5, vectorize_cohort: false}\n") == ({}, {})
+    assert config_changes(old, "trainer: {rounds: 5, vectorize_cohort: true}\n")[1] == {
+        "trainer.vectorize_cohort": (None, True)}
+
+
 def test_a_second_process_on_a_held_run_directory_exits_2_naming_the_holder(trained, tmp_path, capsys):
     run = _copy(trained, tmp_path / "run")
     lock = RunDirLock(run).acquire()
