@@ -121,8 +121,9 @@ class _Reference:
             base = tmp_path_factory.mktemp("reference")
             self.run, self.log = base / "run", base / "output.log"
             with self.log.open("w") as log:  # a file, not a pipe: nobody reads it while the killed run goes on
+                # A session of its own: a failed test kills the whole group (a DDP launcher's rank processes too).
                 self.proc = subprocess.Popen(_argv(self.run, method, store, ranks), stdout=log,
-                                             stderr=subprocess.STDOUT, env=_env())
+                                             stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
 
     def result(self) -> dict:
         if self.proc is not None:
@@ -171,7 +172,7 @@ def _kill_and_resume(tmp_path, tmp_path_factory, method, store, ranks, point, co
         want = reference.result()
     finally:
         if reference.proc is not None and reference.proc.poll() is None:
-            reference.proc.kill()
+            os.killpg(reference.proc.pid, signal.SIGKILL)
             reference.proc.wait()
     _assert_same(_outcome(run), want)
 
