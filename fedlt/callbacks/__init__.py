@@ -6,22 +6,11 @@ help and error paths do not.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedlt._lazy import lazy_names
 
 _NAMES = {"CSVMetricsLogger": "loggers", "WandbFabricLogger": "loggers", "resolve_wandb_mode": "loggers",
           "ProgressBar": "progress", "final_report": "report", "format_table": "report"}
 
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_NAMES])
+__getattr__, __dir__ = lazy_names(__name__, _NAMES, globals())

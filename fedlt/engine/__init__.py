@@ -7,8 +7,7 @@ from the method registry, say) does not pull in the simulator, the evaluator and
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fedlt._lazy import lazy_names
 
 _NAMES = {
     "PreemptionFlag": "checkpoint", "latest_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
@@ -19,14 +18,4 @@ _NAMES = {
 
 __all__ = sorted(_NAMES)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_NAMES])
+__getattr__, __dir__ = lazy_names(__name__, _NAMES, globals())

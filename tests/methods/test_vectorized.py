@@ -81,13 +81,24 @@ def test_the_cli_refuses_with_exit_2_and_writes_nothing(tmp_path, capsys):
     assert not run_dir.exists() or not any(run_dir.iterdir())
 
 
-def test_a_vectorized_cli_run_trains(tmp_path):
-    run_dir = tmp_path / "run"
-    code = main(["fit", "--config", TINY, "--run_dir", str(run_dir), "--method", "FedProx",
-                 "--trainer.vectorize_cohort", "true", "--trainer.rounds", "2", "--logging.wandb", "false",
-                 "--logging.progress_bar", "false"])
-    assert code in (0, None)
-    assert (run_dir / "final.json").is_file()
+def test_a_vectorized_cli_run_trains_what_the_sequential_one_does(tmp_path):
+    import json
+
+    reports = {}
+    for flag in ("true", "false"):
+        run_dir = tmp_path / flag
+        code = main(["fit", "--config", TINY, "--run_dir", str(run_dir), "--method", "FedProx",
+                     "--trainer.vectorize_cohort", flag, "--trainer.rounds", "2", "--logging.wandb", "false",
+                     "--logging.progress_bar", "false"])
+        assert code in (0, None)
+        reports[flag] = json.loads((run_dir / "final.json").read_text())["final"]
+    assert reports["true"]["test/global/acc"] == pytest.approx(reports["false"]["test/global/acc"], abs=0.02)
+    assert reports["true"]["test/personal/acc_mean"] == pytest.approx(reports["false"]["test/personal/acc_mean"],
+                                                                     abs=0.02)
+    weights = {flag: torch.load(tmp_path / flag / "checkpoints" / "round_00002.ckpt",
+                                weights_only=False)["simulator"]["reducer"]["global"] for flag in reports}
+    for key, value in weights["false"].items():
+        torch.testing.assert_close(weights["true"][key], value, rtol=1e-3, atol=1e-3, msg=key)
 
 
 @pytest.mark.parametrize("name", ["fedprox-clip", "fedper"])
