@@ -112,6 +112,28 @@ class ClientStateStore:
             return {}
         return {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
 
+    def holding(self, client_ids: Sequence[int], keys: Sequence[str]) -> list[bool]:
+        """Whether each client has stored any of ``keys`` (disk mode reads the clients' files)."""
+        if self.mode == "disk":
+            return [any(k in self.get(c) for k in keys) for c in client_ids]
+        empty: dict[str, Tensor] = {}
+        return [any(k in self._mem.get(c, empty) for k in keys) for c in client_ids]
+
+    def stack(self, client_ids: Sequence[int], keys: Sequence[str], defaults: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{key: (len(client_ids), ...) tensor}`` of the clients' stored ``keys`` (``defaults[key]`` for a client
+        without one), on ``device``: one stack per key (memory and cpu modes read the held tensors, no copy per
+        client)."""
+        if self.mode == "disk":
+            states = [self.get(c) for c in client_ids]
+        else:
+            empty: dict[str, Tensor] = {}
+            states = [self._mem.get(c, empty) for c in client_ids]
+        out = {}
+        for key in keys:
+            default = defaults[key].to(self._home)
+            out[key] = torch.stack([st.get(key, default).to(self._home) for st in states]).to(self.device)
+        return out
+
     def put(self, client_id: int, state: dict[str, Tensor]) -> None:
         """Stores detached copies of ``state`` for ``client_id``."""
         if not state:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedlt.metrics import GroupedAccuracy, PersonalizedAccuracy
 
@@ -215,6 +215,9 @@ class Evaluator:
         sim.model.eval()
         with sim.trainer.autocast():
             features = torch.cat([method.pm_features(x) for x, _ in self._batches(rows)])
+            if self._stackable_head():
+                self._pm_stacked_heads(wanted, features, row)
+                return
             preds, targets = [], []
             for k in wanted:
                 idx = data.client_test_indices[k]
@@ -222,6 +225,76 @@ class Evaluator:
                 preds.append(self._mask(method.pm_logits(features[row[idx]], k), k).argmax(1))
                 targets.append(data.test.y[idx])
         self._update_pm(preds, targets, wanted)
+
+
+    def _stackable_head(self) -> bool:
+        """Whether PM logits are the default ``model.head(features)`` with a head of plain layers, so that every
+        client's personal head can run at once (stacked parameters, ``torch.func.vmap``)."""
+        from fedlt.methods.base import FedMethod
+
+        method = self.sim.method
+        head = getattr(self.sim.model, "head", None)
+        return (type(method).pm_logits is FedMethod.pm_logits and isinstance(head, nn.Module)
+                and all(type(m) in _STACKABLE for m in head.modules()))
+
+    def _pm_stacked_heads(self, wanted: list[int], features: Tensor, row: Tensor) -> None:
+        """Every wanted client's personal head on its rows of ``features``. Clients that hold no head of their own
+        (never trained) share the default head: one call for all of them. The others go a chunk of clients per
+        call: their head tensors stacked, their rows padded to the longest local test set of the chunk."""
+        from torch.func import functional_call, vmap
+
+        sim, data = self.sim, self.sim.data
+        head = sim.model.head
+        personal = list(sim._ws_personal)  # model keys "head.*"
+        defaults = {_MODEL + key: sim._default_personal[key] for key in personal}
+        own = sim.store.holding(wanted, list(defaults))
+        preds, targets, ids = [], [], []
+        shared = [k for k, has in zip(wanted, own) if not has]
+        if shared:  # the workspace holds the default personal head (the global state is loaded)
+            idx = torch.cat([data.client_test_indices[k] for k in shared])
+            who = torch.repeat_interleave(torch.tensor(shared, device=idx.device), torch.tensor(
+                [int(data.client_test_indices[k].numel()) for k in shared], device=idx.device))
+            out = head(features[row[idx]])
+            if self._masking:
+                out = out.masked_fill(~data.client_test_classes[who], torch.finfo(out.dtype).min)
+            preds.append(out.argmax(1))
+            targets.append(data.test.y[idx])
+            ids.append(who)
+        wanted = [k for k, has in zip(wanted, own) if has]
+        if wanted:
+            fixed = {n: t for n, t in list(head.named_parameters()) + list(head.named_buffers())
+                     if f"head.{n}" not in sim._ws_personal}
+
+            def logits(params: dict[str, Tensor], x: Tensor) -> Tensor:
+                return functional_call(head, {**params, **fixed}, (x,))
+
+            batched = vmap(logits)
+            per_client = sum(int(sim._default_personal[k].numel()) for k in personal)
+            sizes = [int(data.client_test_indices[k].numel()) for k in wanted]
+            per_row = max(sizes) * (features.shape[1] + data.num_classes) + per_client  # features, logits, head
+            chunk = max(1, min(len(wanted), _STACK_ELEMENTS // per_row))
+            for a in range(0, len(wanted), chunk):
+                clients = wanted[a : a + chunk]
+                stacked = sim.store.stack(clients, list(defaults), defaults)
+                params = {key.removeprefix(_MODEL + "head."): v for key, v in stacked.items()}
+                idx = [data.client_test_indices[k] for k in clients]
+                lengths = torch.tensor(sizes[a : a + chunk], device=features.device)
+                padded = nn.utils.rnn.pad_sequence([row[i] for i in idx], batch_first=True)  # (n, longest) rows
+                out = batched(params, features[padded])  # (n, longest, C)
+                if self._masking:
+                    present = data.client_test_classes[torch.tensor(clients, device=out.device)]
+                    out = out.masked_fill(~present.unsqueeze(1), torch.finfo(out.dtype).min)
+                valid = torch.arange(padded.shape[1], device=out.device) < lengths.unsqueeze(1)
+                preds.append(out.argmax(2)[valid])
+                targets.append(data.test.y[torch.cat(idx)])
+                ids.append(torch.repeat_interleave(torch.tensor(clients, device=features.device),
+                                                   lengths.to(features.device)))
+        self.pm.update(torch.cat(preds), torch.cat(targets), torch.cat(ids))
+
+
+_STACKABLE = (nn.Linear, nn.Sequential, nn.Identity, nn.ReLU, nn.Flatten, nn.Dropout)
+_STACK_ELEMENTS = 1 << 24  # elements of one chunk's gathered features, logits and stacked heads (64 MB in float32)
+_MODEL = "model."
 
 
 def _per_domain(prefix: str, preds: Tensor, split, names: list[str]) -> dict[str, float]:

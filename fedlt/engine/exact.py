@@ -34,6 +34,7 @@ PRECISION_BITS = 52  # grid bits below the segment's reference magnitude
 _EXACT_BITS = 51  # limb sums (float64 integers) are exact below 2^53; the ranks' summed max |hi sum| stays below 2^51
 _MAX_TERMS = 2**18  # and on the number of terms (each lo limb is below 2^32, so their sum below 2^50)
 _CHUNK = 1 << 17  # elements per pass of the limb split (1 MiB of float64: stays in cache)
+_MAX_STAGED_ROWS = 64
 
 
 class ExactSumOverflow(NonFiniteLossError):
@@ -100,7 +101,8 @@ class ExactSum:
     sums.
     """
 
-    def __init__(self, sizes: Sequence[int], device: torch.device | str = "cpu") -> None:
+    def __init__(self, sizes: Sequence[int], device: torch.device | str = "cpu",
+                 staging_bytes: int = 0) -> None:
         self.sizes = [int(s) for s in sizes]
         self.numel = sum(self.sizes)
         self.device = torch.device(device)
@@ -113,6 +115,13 @@ class ExactSum:
         self.exponents = [grid_exponent(1.0)] * len(self.sizes)
         self._terms = 0
         self._plan = _chunk_plan(self.sizes, _CHUNK)
+        # Staging (``staging_bytes`` > 0): terms are copied as float64 rows and split into limbs together when the
+        # rows are full or the sums are needed (one vectorized pass instead of a dozen small ops per term).
+        rows = min(int(staging_bytes) // max(8 * self.numel, 1), _MAX_STAGED_ROWS) if self.sizes else 0
+        self._rows = torch.empty(rows, self.numel, dtype=torch.float64, device=self.device) if rows > 1 else None
+        self._row_views = [list(torch.split(r, self.sizes)) for r in self._rows] if self._rows is not None else []
+        self._row_scales: list[list[float]] = []
+        self._scratch: Tensor | None = None
 
     def set_references(self, magnitudes: Sequence[float]) -> None:
         """Sets each segment's grid from a magnitude known identically on every rank."""
@@ -123,6 +132,7 @@ class ExactSum:
     def zero_(self) -> None:
         self._acc.zero_()
         self._terms = 0
+        self._row_scales = []
 
     @torch.no_grad()
     def add_(self, tensors: Sequence[Tensor | None], weights: float | Sequence[float] = 1.0) -> None:
@@ -135,8 +145,11 @@ class ExactSum:
         if not self.sizes:
             return
         ws = [float(weights)] * len(tensors) if isinstance(weights, (int, float)) else [float(w) for w in weights]
-        flat = [t.detach().reshape(-1) if t is not None else None for t in tensors]
         scales = [math.ldexp(w, e) for w, e in zip(ws, self.exponents)]
+        if self._rows is not None:
+            self._stage_row(tensors, scales)
+            return
+        flat = [t.detach().reshape(-1) if t is not None else None for t in tensors]
         # Each chunk of about _CHUNK elements (small segments grouped, large ones split) is staged and split into
         # limbs while it is in cache: eight passes over a model-sized float64 vector would be memory-bound.
         for (a, b), pieces in self._plan:
@@ -154,6 +167,51 @@ class ExactSum:
         self._terms += 1
 
     @torch.no_grad()
+    def _stage_row(self, tensors: Sequence[Tensor | None], scales: list[float]) -> None:
+        """Copies one term into the next staging row (its scales applied at the flush)."""
+        assert self._rows is not None
+        if len(self._row_scales) == len(self._rows):
+            self.flush_()
+        views = self._row_views[len(self._row_scales)]
+        given = [i for i, t in enumerate(tensors) if t is not None]
+        if len(given) < len(tensors):
+            torch._foreach_zero_([views[i] for i, t in enumerate(tensors) if t is None])
+        if given:
+            torch._foreach_copy_([views[i] for i in given], [tensors[i].reshape(-1) for i in given])  # no_grad
+        self._row_scales.append(scales)
+        self._terms += 1
+
+    @torch.no_grad()
+    def flush_(self) -> None:
+        """Splits the staged terms into limbs and adds them to the sums (done by :meth:`all_reduce` and whenever
+        the staging rows are full; the result is bitwise that of adding each term on its own)."""
+        n = len(self._row_scales)
+        if self._rows is None or n == 0:
+            return
+        q = self._rows[:n]
+        scales = torch.tensor(self._row_scales, dtype=torch.float64, device=self.device)  # (n, segments)
+        # x * ldexp(w, s): the same single rounding per element as in add_
+        for i, view in enumerate(torch.split(q, self.sizes, dim=1)):
+            view.mul_(scales[:, i : i + 1])
+        self._add_limbs(q)
+        self._row_scales = []
+
+    def _add_limbs(self, q: Tensor) -> None:
+        """Adds the limbs of the scaled rows ``q`` (overwritten), in column blocks that stay in cache."""
+        cols = max(_CHUNK // len(q), 1024)
+        need = len(q) * min(cols, self.numel)
+        if self._scratch is None or self._scratch.numel() < need:  # kept: a fresh buffer costs page faults
+            self._scratch = torch.empty(need, dtype=torch.float64, device=self.device)
+        scratch = self._scratch
+        for a in range(0, self.numel, cols):
+            block = q[:, a : a + cols]
+            hi = torch.mul(block, 1.0 / _LIMB, out=scratch[: block.numel()].view(block.shape)).floor_()
+            lo = block.sub_(hi, alpha=_LIMB).round_()
+            b = a + block.shape[1]
+            self._acc[0, a:b].add_(hi.sum(0))
+            self._acc[1, a:b].add_(lo.sum(0))
+
+    @torch.no_grad()
     def add_rows_(self, rows: Tensor) -> None:
         """Adds every row of ``rows`` (shape ``(n, numel)``) as one term of weight 1 (vectorized over rows)."""
         q = rows.detach().to(self.device, torch.float64).reshape(len(rows), self.numel)
@@ -162,10 +220,7 @@ class ExactSum:
         else:
             q = q * torch.cat([torch.full((n,), math.ldexp(1.0, s), dtype=torch.float64, device=self.device)
                                for n, s in zip(self.sizes, self.exponents)])
-        hi = (q * (1.0 / _LIMB)).floor_()
-        lo = q.sub_(hi, alpha=_LIMB).round_()
-        self._acc[0, :-1].add_(hi.sum(0))
-        self._acc[1, :-1].add_(lo.sum(0))
+        self._add_limbs(q)
         self._terms += len(rows)
 
     def _split_into_limbs(self, a: int, b: int) -> None:
@@ -190,11 +245,11 @@ class ExactSum:
         """
         from fedlt.engine.collectives import all_reduce_sum_
 
+        self.flush_()
         # NaN/inf terms propagate into the limb sums; a term large enough to make a partial sum of hi limbs
         # inexact (>= 2^53) shows in this rank's sum too (one check per reduction, not per term).
-        if self.numel:  # one pass over each limb row; NaN/inf show in the extremes
-            extremes = torch.stack([*torch.aminmax(self._acc[0, :-1]), *torch.aminmax(self._acc[1, :-1])])
-            self._acc[0, -1] = extremes.abs().amax()
+        if self.numel:  # one pass over the hi limbs; a NaN/inf term makes its hi limb NaN/inf
+            self._acc[0, -1] = torch.stack(torch.aminmax(self._acc[0, :-1])).abs().amax()
         self._acc[1, -1] = float(self._terms)
         acc = all_reduce_sum_(fabric, self._acc)
         bound, terms = float(acc[0, -1]), float(acc[1, -1])
@@ -217,3 +272,46 @@ class ExactSum:
             return value
         out.copy_(value.view(out.shape))
         return out
+
+
+def sum_host_rows(rows: Sequence[Sequence[float]], fabric: Any = None,
+                  device: torch.device | str = "cpu") -> list[float]:
+    """The exact sums of a few short rows of host floats over all ranks: bitwise what ``ExactSum([width])`` with
+    ``add_rows_`` and ``all_reduce`` returns (reference 1), computed in Python integers (a per-round bookkeeping
+    vector costs microseconds, not dozens of tiny tensor operations); one all-reduce of the limbs when
+    distributed.
+
+    Raises:
+        ExactSumOverflow: as :meth:`ExactSum.all_reduce` (a non-finite or too large term on any rank).
+    """
+    width = len(rows[0]) if rows else 0
+    s = grid_exponent(1.0)
+    hi, lo = [0] * width, [0] * width
+    try:
+        for row in rows:
+            for j, v in enumerate(row):
+                q = math.ldexp(float(v), s)
+                h = math.floor(q * (1.0 / _LIMB))
+                hi[j] += h
+                lo[j] += round(q - h * _LIMB)  # exact difference in [0, 2^32]; round half to even, as torch
+        bound_ok = True
+    except (OverflowError, ValueError):  # inf or NaN
+        bound_ok = False
+    bound = float(max((abs(h) for h in hi), default=0)) if bound_ok else math.inf
+    terms = float(len(rows))
+    if fabric is not None and fabric.world_size > 1:
+        from fedlt.engine.collectives import all_reduce_sum_
+
+        if not bound_ok:
+            hi, lo = [0] * width, [0] * width
+        buf = torch.tensor([*map(float, hi), bound, *map(float, lo), terms], dtype=torch.float64, device=device)
+        vals = all_reduce_sum_(fabric, buf).tolist()
+        hi, bound, lo, terms = vals[:width], vals[width], vals[width + 1 : -1], vals[-1]
+    if not (math.isfinite(bound) and bound < 2.0**_EXACT_BITS and terms <= _MAX_TERMS):
+        raise ExactSumOverflow(f"a bookkeeping sum is not finite or too large for exact aggregation (bound {bound})")
+    out = []
+    for h, lsum in zip(hi, lo):
+        h, lsum = float(h), float(lsum)
+        carry = math.floor(lsum * (1.0 / _LIMB))
+        out.append(math.ldexp((h + carry) * _LIMB + (lsum - carry * _LIMB), -s))
+    return out

@@ -136,5 +136,7 @@ class LocalTrainer:
         if not records:
             return {}, 0
         # One stack per part and client (not one add per step): the loop stays free of bookkeeping.
-        sums = {k: torch.stack([r[k].detach().float() for r in records]).sum() for k in records[0]}
+        if len(records) == 1:
+            return {k: v.detach().float() for k, v in records[0].items()}, 1
+        sums = {k: torch.stack([r[k].detach() for r in records]).float().sum() for k in records[0]}
         return sums, len(records)

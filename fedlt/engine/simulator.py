@@ -7,6 +7,7 @@ processes, the device, the precision context and the collectives.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from fedlt.engine.client_state import ClientStateStore
 from fedlt.engine.comm import Comm, RunInfo
 from fedlt.engine.evaluation import Evaluator
-from fedlt.engine.exact import ExactSum, ExactSumOverflow
+from fedlt.engine.exact import ExactSumOverflow, sum_host_rows
 from fedlt.engine.faults import failpoint
 from fedlt.engine.local_loop import LocalTrainer, NonFiniteLossError
 from fedlt.engine.params import copy_tensors_, model_tensors, snapshot, split_keys
@@ -316,25 +317,20 @@ class Simulator:
         """One exact sum all-reduce of [loss parts..., unknown-name flag, steps, non-finite flag per cohort
         position]: a row per client of this rank (its loss parts and its flag) plus one row of counts."""
         width = len(names) + 2 + len(cohort)
-        rows = torch.zeros(len(client_sums) + 1, width, dtype=torch.float64, device=self.device)
+        rows = [[0.0] * width for _ in range(len(client_sums) + 1)]
         values = [(r, k, v) for r, sums in enumerate(client_sums) for k, v in sums.items()]
-        if values:  # a few vectorized ops per round, not per client
+        if values:  # one device-to-host copy per round, not per client; the rows are built on the host
             column = {k: i for i, k in enumerate(names)}
-            flat = torch.stack([v.detach().reshape(()) for _, _, v in values]).double()
-            which = torch.tensor([r for r, _, _ in values], device=self.device)
-            bad = torch.zeros(len(client_sums), dtype=torch.float64, device=self.device)
-            bad.index_add_(0, which, (~torch.isfinite(flat)).double())
             position = {cid: i for i, cid in enumerate(cohort)}
-            cols = torch.tensor([len(names) + 2 + position[cid] for cid in mine], device=self.device)
-            rows[torch.arange(len(mine), device=self.device), cols] = (bad > 0).double()
-            known = [i for i, (_, k, _) in enumerate(values) if k in column]
-            if known:
-                rows[[values[i][0] for i in known], [column[values[i][1]] for i in known]] = flat[known]
-        rows[-1, len(names)] = len(set(local_names) - set(names))
-        rows[-1, len(names) + 1] = steps
-        exact = ExactSum([width], self.device)
-        exact.add_rows_(torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0))
-        out = exact.all_reduce(self.comm).tolist()
+            flat = torch.stack([v.detach().reshape(()) for _, _, v in values]).double().tolist()
+            for (r, k, _), v in zip(values, flat):
+                if not math.isfinite(v):
+                    rows[r][len(names) + 2 + position[mine[r]]] = 1.0  # the non-finite flag; the value counts 0
+                elif k in column:
+                    rows[r][column[k]] = v
+        rows[-1][len(names)] = len(set(local_names) - set(names))
+        rows[-1][len(names) + 1] = steps
+        out = sum_host_rows(rows, self.comm, self.device)
         return out[: len(names) + 2], out[len(names) + 2:]
 
     def should_evaluate(self, round: int) -> bool:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 METHODS: Registry[type[FedMethod]] = Registry("method")
 
 _WEIGHT = "__weight__"
+_STAGING_BYTES = 32 << 20  # exact sums stage client terms in up to 32 MiB of float64 rows (see ExactSum)
 
 
 def _after_reduce(step: Any) -> Any:
@@ -84,8 +85,11 @@ class Reducer:
         self.weight_sum = views[_WEIGHT]
         self.global_float = [global_state[k] for k in self.float_keys]
         self._model_keys = self.float_keys + self.other_keys
-        self._exact_sum = ExactSum([views[n].numel() for n in self.layout.names], device)
+        self._exact_sum = ExactSum([views[n].numel() for n in self.layout.names], device, staging_bytes=_STAGING_BYTES)
         self._exact_names = list(self.layout.names)
+        assert self._exact_names == [*self._model_keys, *(f"extra.{k}" for k in self.extra_shapes), _WEIGHT]
+        self._one = self.weight_sum.new_ones(1)  # the weight segment's term (times the client's weight)
+        self._extra_ones = [1.0] * len(self.extra_shapes)  # extras are summed unweighted
 
     def begin_round(self, round: int) -> None:
         """Zeroes the accumulator; the exact grid of each shared tensor follows its current magnitude."""
@@ -100,12 +104,9 @@ class Reducer:
         """Adds ``weight * tensors`` (and the extras) of one client to the running sums."""
         w = float(update.weight)
         if self.exact:
-            extras = {f"extra.{k}": t for k, t in update.extras.items()}
-            terms = [update.tensors[n] if n in update.tensors and n in self.acc else extras.get(n)
-                     for n in self._exact_names[:-1]]
-            ones = self.weight_sum.new_ones(1)
-            weights = [1.0 if n.startswith("extra.") else w for n in self._exact_names]
-            self._exact_sum.add_([*terms, ones], weights)
+            tensors, extras = update.tensors, update.extras
+            terms = [tensors.get(k) for k in self._model_keys] + [extras.get(k) for k in self.extra_shapes]
+            self._exact_sum.add_([*terms, self._one], [w] * len(self._model_keys) + self._extra_ones + [w])
             self._unreduced = True
             return
         with torch.no_grad():

@@ -70,6 +70,17 @@ def test_client_store_roundtrip(mode, tmp_path):
     assert torch.equal(restored.get(3)["w"], got["w"])
 
 
+@pytest.mark.parametrize("mode", ["memory", "cpu", "disk"])
+def test_client_store_stacks_clients_with_defaults(mode, tmp_path):
+    store = ClientStateStore(mode, "cpu", tmp_path / "s")
+    store.put(2, {"w": torch.full((2,), 2.0)})
+    store.put(5, {"w": torch.full((2,), 5.0), "other": torch.ones(1)})
+    store.put(6, {"other": torch.ones(1)})
+    assert store.holding([5, 0, 2, 6], ["w"]) == [True, False, True, False]
+    got = store.stack([5, 0, 2, 6], ["w"], {"w": torch.full((2,), -1.0)})
+    assert got["w"].tolist() == [[5.0, 5.0], [-1.0, -1.0], [2.0, 2.0], [-1.0, -1.0]]
+
+
 def test_client_store_rejects_unknown_mode():
     with pytest.raises(ValueError, match="valid modes"):
         ClientStateStore("gpu")

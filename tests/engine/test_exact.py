@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from fedlt.engine.exact import ExactSum, ExactSumOverflow, grid_exponent, magnitudes
+from fedlt.engine.exact import ExactSum, ExactSumOverflow, grid_exponent, magnitudes, sum_host_rows
 from fedlt.engine.local_loop import NonFiniteLossError
 
 
@@ -20,16 +20,17 @@ def _terms(n: int = 16, size: int = 700, seed: int = 0) -> list[tuple[torch.Tens
             for _ in range(n)]
 
 
-def _sum_over_ranks(terms, groups, sizes=(400, 300), refs=(3.0, 0.5)) -> torch.Tensor:
+def _sum_over_ranks(terms, groups, sizes=(400, 300), refs=(3.0, 0.5), staging_bytes=0) -> torch.Tensor:
     """Each group plays one rank; the integer accumulators are summed as an all-reduce would."""
     ranks = []
     for group in groups:
-        acc = ExactSum(sizes)
+        acc = ExactSum(sizes, staging_bytes=staging_bytes)
         acc.set_references(refs)
         acc.zero_()
         for i in group:
             t, w = terms[i]
             acc.add_(list(torch.split(t, list(sizes))), w)
+            acc.flush_()
         ranks.append(acc)
     total = sum(r._acc for r in ranks)
     ranks[0]._acc.copy_(total)
@@ -50,6 +51,30 @@ def test_the_sum_does_not_depend_on_the_order_or_the_split_where_float_does():
     forward = sum(w * t for t, w in terms)
     backward = sum(w * t for t, w in reversed(terms))
     assert not torch.equal(forward, backward)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 64])
+def test_staged_terms_give_the_same_bits_as_terms_added_one_by_one(rows):
+    terms = _terms()
+    one = _sum_over_ranks(terms, [list(range(16))])
+    staged = _sum_over_ranks(terms, [list(range(16))], staging_bytes=rows * 700 * 8)  # 16 terms: several flushes
+    assert torch.equal(staged, one)
+    split = _sum_over_ranks(terms, [list(range(0, 16, 3)), [i for i in range(16) if i % 3]],
+                            staging_bytes=rows * 700 * 8)
+    assert torch.equal(split, one)
+    assert not torch.equal(one, _sum_over_ranks(terms[1:], [list(range(15))], staging_bytes=rows * 700 * 8))
+
+
+def test_staging_keeps_missing_segments_weights_and_the_overflow_check():
+    acc = ExactSum([3, 2], staging_bytes=2 * 5 * 8)
+    acc.add_([torch.ones(3), None], [2.0, 5.0])
+    acc.add_([None, torch.full((2,), 0.25)], [2.0, 4.0])
+    acc.add_([torch.ones(3), torch.ones(2)], 0.5)  # a third term: the two rows are flushed first
+    assert acc.all_reduce(None).tolist() == [2.5, 2.5, 2.5, 1.5, 1.5]
+    acc.zero_()
+    acc.add_([torch.tensor([1.0, float("nan"), 0.0]), torch.zeros(2)], 1.0)
+    with pytest.raises(ExactSumOverflow):
+        acc.all_reduce(None)
 
 
 def test_the_sum_is_accurate():
@@ -108,3 +133,17 @@ def test_a_server_step_before_the_reduction_is_refused():
     red.reduce(None)
     red.server_step(1)
     assert red.global_state["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_host_row_sums_give_the_bits_of_the_tensor_path():
+    rnd = random.Random(0)
+    for _ in range(200):
+        n, width = rnd.randint(1, 12), rnd.randint(1, 9)
+        rows = [[rnd.choice([0.0, -1.0, 0.5, 2.5, -2.5 * 2**-51, float(rnd.randint(0, 5000)),
+                             rnd.uniform(-1, 1) * 10 ** rnd.uniform(-20, 6)]) for _ in range(width)] for _ in range(n)]
+        acc = ExactSum([width])
+        acc.add_rows_(torch.tensor(rows, dtype=torch.float64))
+        assert sum_host_rows(rows) == acc.all_reduce(None).tolist()
+    for bad in (float("nan"), float("inf"), 1e300):
+        with pytest.raises(ExactSumOverflow):
+            sum_host_rows([[1.0, bad]])

@@ -38,12 +38,17 @@ def test_batched_pm_equals_the_per_client_evaluation(monkeypatch, make, mask):
     sim = tiny_sim(make(), rounds=2, clients_per_round=4, data=_data(mask))
     assert sim.method.pm_shares_features
     run(sim)
-    calls = []
-    real = sim.load_client
+    calls, personal_loads = [], []
+    real, real_personal = sim.load_client, sim.load_personal
     sim.load_client = lambda k: (calls.append(k), real(k))[1]
+    sim.load_personal = lambda k: (personal_loads.append(k), real_personal(k))[1]
     batched = sim.evaluate()
     assert calls == []  # no whole-model load per client: the personal tensors only
-    sim.load_client = real
+    # a plain head (FedPer, FedRep) runs stacked over clients; FedRoD's own pm_logits gets each client's head loaded
+    assert (personal_loads == []) == (not isinstance(sim.method, FedRoD))
+    sim.load_client, sim.load_personal = real, real_personal
+    trained = [k for k in range(8) if sim.store.get(k) and sim.data.client_test_indices[k].numel()]
+    assert 0 < len(trained) < sum(1 for i in sim.data.client_test_indices if i.numel())  # own heads and the default
     reference = _per_client(monkeypatch, sim)
     personal = {k: v for k, v in reference.items() if k.startswith("test/personal/")}
     assert personal and {k: batched[k] for k in personal} == personal
