@@ -157,6 +157,12 @@ def calibrated_ce(logits: Tensor, target: Tensor, class_counts: Tensor, tau: flo
     return F.cross_entropy(logits - (margins - margins.min()), target)
 
 
+def _per_client_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy of each client: logits (K, B, C), target (K, B) -> (K,)."""
+    k, b = target.shape
+    return F.cross_entropy(logits.reshape(k * b, -1), target.reshape(-1), reduction="none").view(k, b).mean(1)
+
+
 class Loss:
     """A classification loss ``(logits, target, class_counts, round) -> scalar``.
 
@@ -166,6 +172,12 @@ class Loss:
 
     def __call__(self, logits: Tensor, target: Tensor, class_counts: Tensor, round: int = 1) -> Tensor:
         raise TypeError(f"{type(self).__name__} must implement __call__")
+
+    def per_client(self, logits: Tensor, target: Tensor, class_counts: Tensor, round: int = 1) -> Tensor:
+        """The loss of each of K clients at once (vectorized cohorts): ``logits`` (K, B, C), ``target`` (K, B),
+        ``class_counts`` (K, C) -> (K,), entry k equal to ``self(logits[k], target[k], class_counts[k], round)`` up
+        to float rounding. Default: one call per client; a loss with a batched form overrides it."""
+        return torch.stack([self(z, t, n, round) for z, t, n in zip(logits, target, class_counts)])
 
     def describe(self) -> str:
         """Short description for logs: the class name and its hyperparameters."""
@@ -179,6 +191,9 @@ class CrossEntropy(Loss):
 
     def __call__(self, logits: Tensor, target: Tensor, class_counts: Tensor, round: int = 1) -> Tensor:
         return cross_entropy(logits, target)
+
+    def per_client(self, logits: Tensor, target: Tensor, class_counts: Tensor, round: int = 1) -> Tensor:
+        return _per_client_ce(logits, target)
 
 
 @LOSSES.register("balanced_softmax")
@@ -276,3 +291,8 @@ class CalibratedCE(Loss):
 
     def __call__(self, logits: Tensor, target: Tensor, class_counts: Tensor, round: int = 1) -> Tensor:
         return calibrated_ce(logits, target, class_counts, self.tau)
+
+    def per_client(self, logits: Tensor, target: Tensor, class_counts: Tensor, round: int = 1) -> Tensor:
+        margins = self.tau * _counts(class_counts, logits).pow(-0.25)  # (K, C)
+        shift = margins - margins.min(1, keepdim=True).values
+        return _per_client_ce(logits - shift.unsqueeze(1), target)

@@ -182,6 +182,27 @@ class ExactSum:
         self._terms += 1
 
     @torch.no_grad()
+    def add_stacked_(self, blocks: Sequence[Tensor | None], weights: Sequence[Sequence[float]]) -> None:
+        """Adds ``n`` terms at once: ``blocks[i]`` stacks the terms' values of segment ``i`` along dim 0 (``None``:
+        nothing for that segment) and ``weights[j][i]`` is term ``j``'s weight on segment ``i``; the same bits as
+        ``n`` calls of :meth:`add_`."""
+        n = len(weights)
+        if self._rows is None or n > len(self._rows):
+            for j in range(n):
+                self.add_([b[j] if b is not None else None for b in blocks], list(weights[j]))
+            return
+        if len(self._row_scales) + n > len(self._rows):
+            self.flush_()
+        r = len(self._row_scales)
+        for block, view in zip(blocks, torch.split(self._rows[r : r + n], self.sizes, dim=1)):
+            if block is None:
+                view.zero_()
+            else:
+                view.copy_(block.reshape(n, -1))
+        self._row_scales.extend([math.ldexp(w, e) for w, e in zip(ws, self.exponents)] for ws in weights)
+        self._terms += n
+
+    @torch.no_grad()
     def flush_(self) -> None:
         """Splits the staged terms into limbs and adds them to the sums (done by :meth:`all_reduce` and whenever
         the staging rows are full; the result is bitwise that of adding each term on its own)."""

@@ -19,6 +19,7 @@ stream is the global RNG's, per client), in 32-bit precision. Anything else is r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from fedlt.engine.faults import failpoint
-from fedlt.methods.base import Reducer
+from fedlt.methods.base import FedMethod, Reducer
 from fedlt.types import ClientContext, ClientUpdate, ServerMessage
 
 if TYPE_CHECKING:
@@ -61,12 +62,85 @@ def check_vectorizable(sim: Simulator) -> None:
         raise VectorizationError("trainer.vectorize_cohort: momentum and weight decay must be >= 0")
 
 
+# Layers a stacked forward can run on inputs of shape (K * B, ...) (client-major): elementwise or per-sample, or
+# Linear / Conv2d, which get the clients' stacked weights (batched matmul, grouped convolution).
+_PER_SAMPLE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Flatten, nn.MaxPool2d, nn.AvgPool2d,
+               nn.AdaptiveAvgPool2d, nn.Identity, nn.Sequential, nn.Dropout)
+
+
+class _StackedLinear(nn.Module):
+    """``nn.Linear`` with one weight per client: the input's leading dimension is client-major (K * B rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        assert self.weight is not None
+        k = self.weight.shape[0]
+        flat = x.reshape(k, -1, x.shape[-1])  # (K, B * ..., in)
+        if self.bias is None:
+            out = torch.bmm(flat, self.weight.transpose(1, 2))
+        else:
+            out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class _StackedConv2d(nn.Module):
+    """``nn.Conv2d`` with one weight per client, as a grouped convolution over the clients' channels."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.weight: Tensor | None = None
+        self.bias: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        assert self.weight is not None
+        k, o = self.weight.shape[0], self.weight.shape[1]
+        n, c, h, w = x.shape
+        grouped = x.view(k, n // k, c, h, w).transpose(0, 1).reshape(n // k, k * c, h, w)
+        bias = self.bias.reshape(k * o) if self.bias is not None else None
+        out = torch.nn.functional.conv2d(grouped, self.weight.reshape(k * o, *self.weight.shape[2:]), bias,
+                                         self.stride, self.padding, self.dilation, self.groups * k)
+        return out.view(n // k, k, o, *out.shape[2:]).transpose(0, 1).reshape(n, o, *out.shape[2:])
+
+
+def stacked_forward_model(model: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]] | None:
+    """A copy of ``model`` whose Linear and Conv2d layers take stacked per-client weights, with the layer of each
+    parameter name; ``None`` when the model does not declare a per-sample forward (``stackable_forward``) or has a
+    layer a stacked forward cannot run (then the engine uses ``torch.func.vmap``)."""
+    import copy
+
+    if not getattr(type(model), "stackable_forward", False):
+        return None
+    clone = copy.deepcopy(model)
+    owners: dict[str, nn.Module] = {}
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+                return None
+            layer = _StackedLinear() if isinstance(module, nn.Linear) else _StackedConv2d(module)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(clone.get_submodule(parent_name) if parent_name else clone, attr, layer)
+            for pname in ("weight", "bias"):
+                if getattr(module, pname, None) is not None:
+                    owners[f"{name}.{pname}" if name else pname] = layer
+        elif name and not isinstance(module, _PER_SAMPLE):
+            return None
+    if any(True for _ in clone.buffers()):
+        return None
+    return clone, owners
+
+
 class VectorizedCohort:
     """Trains a list of clients of one round together (see the module docstring)."""
 
     def __init__(self, sim: Simulator) -> None:
         check_vectorizable(sim)
         self.sim = sim
+        self._stacked_model = stacked_forward_model(sim.model)
 
     def train(self, clients: list[int], message: ServerMessage) -> list[tuple[dict[str, Tensor], int]]:
         """Local training of ``clients`` (this rank's part of the cohort); folds their updates into the reducer,
@@ -109,12 +183,10 @@ class VectorizedCohort:
                                                    method.local_epochs, method.local_steps))
         return contexts, plans
 
-    def _loop(self, stacked: dict[str, Tensor], fixed: dict[str, Tensor], contexts: list[ClientContext],
-              plans: list[list[Tensor]], message: ServerMessage) -> list[list[dict[str, Tensor]]]:
-        """All clients' local steps: per step, one vmapped gradient per group of clients with equal batch sizes."""
-        sim, method, model = self.sim, self.sim.method, self.sim.model
-        global_params = {n: message.state[n] for n in stacked if n in message.state}
-        rnd = message.round
+    def _vmapped_forward(self, fixed: dict[str, Tensor], global_params: dict[str, Tensor], rnd: int) -> Callable:
+        """``(params, x, y, counts) -> (totals (k,), logged parts)`` for any model: ``functional_call`` under
+        ``vmap``."""
+        method, model = self.sim.method, self.sim.model
 
         def objective(params: dict[str, Tensor], x: Tensor, y: Tensor, counts: Tensor) -> tuple[Tensor, dict]:
             logits = functional_call(model, {**params, **fixed}, (x,))
@@ -126,7 +198,40 @@ class VectorizedCohort:
             total = loss + term
             return total, {"loss": total.detach(), "ce": loss.detach(), **{k: v.detach() for k, v in logged.items()}}
 
-        forward = vmap(objective)  # per-client losses of one group; autograd then gives each client its gradient
+        return vmap(objective)
+
+    def _stacked_forward(self, fixed: dict[str, Tensor], global_params: dict[str, Tensor], rnd: int) -> Callable:
+        """The same for a model with a per-sample forward: the model's own forward on (k * B, ...) inputs with its
+        Linear / Conv2d layers on the stacked weights (batched matmuls, grouped convolutions), each client's loss
+        from ``Loss.per_client``: no ``vmap`` dispatch on the hot path."""
+        method = self.sim.method
+        assert self._stacked_model is not None
+        clone, owners = self._stacked_model
+        penalized = type(method).vectorized_penalty is not FedMethod.vectorized_penalty
+
+        def forward(params: dict[str, Tensor], x: Tensor, y: Tensor, counts: Tensor) -> tuple[Tensor, dict]:
+            k, b = x.shape[0], x.shape[1]
+            for name, layer in owners.items():
+                v = params[name] if name in params else fixed[name].unsqueeze(0).expand(k, *fixed[name].shape)
+                setattr(layer, name.rpartition(".")[2], v)
+            logits = clone(x.reshape(k * b, *x.shape[2:])).view(k, b, -1)
+            loss = method.loss.per_client(logits, y, counts, rnd)
+            if not penalized:
+                return loss, {"loss": loss.detach()}
+            terms = [method.vectorized_penalty({n: v[i] for n, v in params.items()}, global_params) for i in range(k)]
+            total = loss + torch.stack([t[0] for t in terms])
+            logged = {key: torch.stack([t[1][key] for t in terms]).detach() for key in terms[0][1]}
+            return total, {"loss": total.detach(), "ce": loss.detach(), **logged}
+
+        return forward
+
+    def _loop(self, stacked: dict[str, Tensor], fixed: dict[str, Tensor], contexts: list[ClientContext],
+              plans: list[list[Tensor]], message: ServerMessage) -> list[list[dict[str, Tensor]]]:
+        """All clients' local steps: per step, one batched gradient per group of clients with equal batch sizes."""
+        sim = self.sim
+        global_params = {n: message.state[n] for n in stacked if n in message.state}
+        build = self._stacked_forward if self._stacked_model is not None else self._vmapped_forward
+        forward = build(fixed, global_params, message.round)
 
         def step(params: dict[str, Tensor], x: Tensor, y: Tensor, counts: Tensor) -> tuple[dict, dict]:
             leaves = {n: v.requires_grad_() for n, v in params.items()}
@@ -138,6 +243,8 @@ class VectorizedCohort:
         momentum: dict[str, Tensor] = {}
         losses: list[list[dict[str, Tensor]]] = [[] for _ in contexts]
         data, train = sim.data, sim.data.train
+        everyone = list(range(len(contexts)))
+        counts_all = torch.stack([c.class_counts for c in contexts])
         for t in range(max(len(p) for p in plans)):
             groups: dict[int, list[int]] = {}  # batch size -> the clients (rows) with a batch of that size
             for i, plan in enumerate(plans):
@@ -145,14 +252,20 @@ class VectorizedCohort:
                     groups.setdefault(int(plan[t].numel()), []).append(i)
             for group in groups.values():
                 batches = [data.get_batch(train, plans[i][t], contexts[i].generator, train=True) for i in group]
-                rows = torch.tensor(group, device=sim.device)
-                params = {n: v[rows] for n, v in stacked.items()}
-                counts = torch.stack([contexts[i].class_counts for i in group])
-                grads, values = step(params, torch.stack([b[0] for b in batches]),
-                                     torch.stack([b[1] for b in batches]), counts)
-                self._sgd(stacked, momentum, params, grads, rows, first=t == 0)
+                x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+                if group == everyone:  # the usual case: every client steps, on the stacked tensors themselves
+                    grads, values = step(stacked, x, y, counts_all)
+                    for v in stacked.values():
+                        v.requires_grad_(False)
+                    self._sgd_all(stacked, momentum, grads, first=t == 0)
+                else:
+                    rows = torch.tensor(group, device=sim.device)
+                    params = {n: v[rows] for n, v in stacked.items()}
+                    grads, values = step(params, x, y, counts_all[rows])
+                    self._sgd(stacked, momentum, params, grads, rows, first=t == 0)
+                parts = {key: v.unbind(0) for key, v in values.items()}
                 for row, i in enumerate(group):
-                    losses[i].append({key: v[row] for key, v in values.items()})
+                    losses[i].append({key: v[row] for key, v in parts.items()})
         return losses
 
     def _fold(self, clients: list[int], stacked: dict[str, Tensor], fixed: dict[str, Tensor],
@@ -185,6 +298,31 @@ class VectorizedCohort:
             out.append((sums, len(records)))
         return out
 
+    @torch.no_grad()
+    def _sgd_all(self, stacked: dict[str, Tensor], momentum: dict[str, Tensor], grads: dict[str, Tensor],
+                 first: bool) -> None:
+        """:meth:`_sgd` when every client steps: in place on the stacked tensors (no row gathers)."""
+        method = self.sim.method
+        names = list(grads)
+        ps, gs = [stacked[n] for n in names], [grads[n] for n in names]
+        if method.grad_clip:
+            norms = torch.stack([g.flatten(1).norm(dim=1) for g in gs], 1).norm(dim=1)
+            scale = (method.grad_clip / (norms + 1e-6)).clamp(max=1.0)
+            gs = [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in gs]
+        if method.weight_decay:
+            gs = torch._foreach_add(gs, ps, alpha=method.weight_decay)
+        if method.momentum:
+            if first or names[0] not in momentum:
+                bufs = [g.clone() for g in gs]
+                momentum.update(zip(names, bufs))
+            else:
+                bufs = [momentum[n] for n in names]
+                torch._foreach_mul_(bufs, method.momentum)
+                torch._foreach_add_(bufs, gs)
+            gs = bufs
+        torch._foreach_add_(ps, gs, alpha=-method.lr)
+
+    @torch.no_grad()
     def _sgd(self, stacked: dict[str, Tensor], momentum: dict[str, Tensor], params: dict[str, Tensor],
              grads: dict[str, Tensor], rows: Tensor, first: bool) -> None:
         """``torch.optim.SGD`` (no dampening, no Nesterov) with the method's lr, momentum, weight decay and

@@ -130,21 +130,12 @@ class Reducer:
                     acc.add_((tensors[k].to(torch.float64) * w).sum(0).to(acc.dtype))
                 self.weight_sum.add_(float(weights.sum()))
             return
-        w = weights.to(self.buffer.device, torch.float64).view(-1, 1)
-        columns = []
-        for name in self._exact_names[:-1]:
-            if name not in self.acc:  # an extra: accumulate_stacked takes none
-                columns.append(torch.zeros(len(w), self._segment_numel(name), dtype=torch.float64,
-                                           device=w.device))
-            else:
-                columns.append(tensors[name].detach().reshape(len(w), -1).to(w.device, torch.float64) * w)
-        columns.append(w)
-        self._exact_sum.add_rows_(torch.cat(columns, 1))
+        ws = [float(v) for v in weights.tolist()]
+        blocks = [tensors[k].detach() for k in self._model_keys] + [None] * len(self.extra_shapes)  # no extras
+        ones = self._one.expand(len(ws), 1)
+        self._exact_sum.add_stacked_([*blocks, ones],
+                                     [[w] * len(self._model_keys) + self._extra_ones + [w] for w in ws])
         self._unreduced = True
-
-    def _segment_numel(self, name: str) -> int:
-        """Number of elements of the accumulator segment ``name``."""
-        return int(self.layout.views(self.buffer)[name].numel())
 
     def reduce(self, fabric: Any) -> None:
         """One sum all-reduce of the whole accumulator (idle ranks contribute zeros)."""

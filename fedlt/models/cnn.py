@@ -29,6 +29,8 @@ class CNN(FedModel):
             order (and so the seeded initialisation) differs from the plain CNN.
     """
 
+    stackable_forward = True  # per-sample layers only: vectorized cohorts run it on stacked client weights
+
     def __init__(
         self,
         num_classes: int,

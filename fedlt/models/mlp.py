@@ -17,6 +17,8 @@ class MLP(FedModel):
         hidden: hidden width (= num_features).
     """
 
+    stackable_forward = True  # per-sample layers only: vectorized cohorts run it on stacked client weights
+
     def __init__(self, num_classes: int, in_features: int, hidden: int = 128) -> None:
         super().__init__()
         # fc before head: with a fixed seed this initialises like nn.Sequential(fc, ReLU, head) (tested).

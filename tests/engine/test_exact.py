@@ -65,6 +65,22 @@ def test_staged_terms_give_the_same_bits_as_terms_added_one_by_one(rows):
     assert not torch.equal(one, _sum_over_ranks(terms[1:], [list(range(15))], staging_bytes=rows * 700 * 8))
 
 
+@pytest.mark.parametrize("staging_rows", [0, 3, 8])
+def test_stacked_terms_give_the_same_bits_as_terms_added_one_by_one(staging_rows):
+    terms = _terms(n=5)
+    blocks = [torch.stack([t[:400] for t, _ in terms]), None, torch.stack([t[400:] for t, _ in terms])]
+    weights = [[w, 3.0, 1.0] for _, w in terms]
+    one, stacked = ExactSum([400, 2, 300]), ExactSum([400, 2, 300], staging_bytes=staging_rows * 702 * 8)
+    for acc in (one, stacked):
+        acc.set_references([3.0, 1.0, 0.5])
+    stacked.add_([torch.ones(400), torch.ones(2), None], 2.0)  # staged rows before the block (3 rows: a flush)
+    one.add_([torch.ones(400), torch.ones(2), None], 2.0)
+    for t, w in terms:
+        one.add_([t[:400], None, t[400:]], [w, 3.0, 1.0])
+    stacked.add_stacked_(blocks, weights)
+    assert torch.equal(stacked.all_reduce(None), one.all_reduce(None))
+
+
 def test_staging_keeps_missing_segments_weights_and_the_overflow_check():
     acc = ExactSum([3, 2], staging_bytes=2 * 5 * 8)
     acc.add_([torch.ones(3), None], [2.0, 5.0])

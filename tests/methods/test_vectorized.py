@@ -37,10 +37,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_vectorized_cohorts_equal_the_sequential_engine(name):
+@pytest.mark.parametrize("name, forward", [*((n, "stacked") for n in CASES), ("fedprox-clip", "vmap"),
+                                           ("fedper", "vmap"), ("fedlc", "vmap")])
+def test_vectorized_cohorts_equal_the_sequential_engine(name, forward, monkeypatch):
+    """Both batched forwards: the model's own on stacked weights (the built-in MLP and CNN) and torch.func.vmap
+    (any other model)."""
+    import fedlt.engine.vectorized as vectorized
+
+    if forward == "vmap":
+        monkeypatch.setattr(vectorized, "stacked_forward_model", lambda model: None)
     seq = tiny_sim(CASES[name](), rounds=3, clients_per_round=5)
     vec = tiny_sim(CASES[name](), rounds=3, clients_per_round=5, vectorize_cohort=True)
+    assert (vec._vectorized._stacked_model is not None) == (forward == "stacked")
     sizes = [int(i.numel()) for i in seq.data.client_indices]
     assert len(set(sizes)) > 1  # uneven clients: different step counts and last-batch sizes
     start = {k: v.clone() for k, v in vec.global_state.items()}
@@ -159,3 +167,47 @@ def test_stacked_accumulation_equals_one_call_per_client(exact):
             assert torch.equal(one.global_state[k], many.global_state[k]), k
         else:
             torch.testing.assert_close(one.global_state[k], many.global_state[k])
+
+
+@pytest.mark.parametrize("groups, stride, padding", [(1, 1, 2), (2, 2, 1)])
+def test_stacked_layers_equal_each_clients_own_layer(groups, stride, padding):
+    from fedlt.engine.vectorized import _StackedConv2d, _StackedLinear
+
+    g = torch.Generator().manual_seed(0)
+    k, b = 3, 4
+    conv = torch.nn.Conv2d(4, 6, 3, stride=stride, padding=padding, groups=groups)
+    weights = torch.randn(k, *conv.weight.shape, generator=g)
+    biases = torch.randn(k, 6, generator=g)
+    x = torch.randn(k * b, 4, 9, 9, generator=g)
+    stacked = _StackedConv2d(conv)
+    stacked.weight, stacked.bias = weights, biases
+    want = torch.cat([torch.nn.functional.conv2d(x[i * b:(i + 1) * b], weights[i], biases[i], stride, padding, 1,
+                                                 groups) for i in range(k)])
+    torch.testing.assert_close(stacked(x), want, rtol=1e-5, atol=1e-5)
+    linear = _StackedLinear()
+    linear.weight, linear.bias = torch.randn(k, 5, 7, generator=g), torch.randn(k, 5, generator=g)
+    h = torch.randn(k * b, 7, generator=g)
+    want = torch.cat([torch.nn.functional.linear(h[i * b:(i + 1) * b], linear.weight[i], linear.bias[i])
+                      for i in range(k)])
+    torch.testing.assert_close(linear(h), want, rtol=1e-5, atol=1e-5)
+
+
+def test_models_without_a_declared_per_sample_forward_use_vmap():
+    from fedlt.engine.vectorized import stacked_forward_model
+    from fedlt.models import build_model
+
+    assert stacked_forward_model(build_model("mlp", num_classes=10, in_features=64)) is not None
+    assert stacked_forward_model(build_model("cnn", num_classes=10, in_channels=1, image_size=16)) is not None
+    assert stacked_forward_model(build_model("resnet8", num_classes=10, in_channels=1, image_size=16)) is None
+
+
+@pytest.mark.parametrize("loss", ["ce", "calibrated", "focal"])
+def test_per_client_losses_equal_one_call_per_client(loss):
+    from fedlt.losses import CalibratedCE, CrossEntropy, Focal
+
+    fn = {"ce": CrossEntropy(), "calibrated": CalibratedCE(tau=1.0), "focal": Focal(gamma=2.0)}[loss]
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(3, 5, 4, generator=g), torch.randint(0, 4, (3, 5), generator=g)
+    counts = torch.tensor([[5.0, 0.0, 1.0, 3.0], [1.0, 1.0, 1.0, 1.0], [0.0, 9.0, 2.0, 0.0]])
+    want = torch.stack([fn(logits[i], target[i], counts[i]) for i in range(3)])
+    torch.testing.assert_close(fn.per_client(logits, target, counts), want, rtol=1e-6, atol=1e-6)
