@@ -67,6 +67,21 @@ _METHOD_VALUE = re.compile(r'Parser key "method[^"]*":.*?(?:Given value: |Expect
                            r'Import path |class_path )(\S+)')
 
 
+_PLAIN_KIND = r"(?:<class '\w+'>|typing\.Literal\[[^\]]*\])"
+_PLAIN_UNION = re.compile(r'Parser key "([\w.]+)": Does not validate against any of the Union subtypes Subtypes: '
+                          rf"\[({_PLAIN_KIND}(?:, {_PLAIN_KIND})*)\].* Given value: (.*)$")
+_KIND_WORDS = {"<class 'int'>": "a whole number", "<class 'float'>": "a number", "<class 'bool'>": "true or false",
+               "<class 'str'>": "a string", "<class 'NoneType'>": "null"}
+
+
+def _kind_words(kind: str) -> str:
+    """``<class 'int'>`` -> "a whole number"; ``typing.Literal['auto']`` -> "'auto'"."""
+    kind = kind.strip()
+    if kind.startswith("typing.Literal["):
+        return " or ".join(v.strip() for v in kind[len("typing.Literal["):-1].split(","))
+    return _KIND_WORDS.get(kind, kind)
+
+
 def _usage_error(message: str) -> int:
     text = " ".join(str(message).split())
     if text.startswith('Parser key "method') and "Problem with given class_path" not in text:
@@ -79,6 +94,11 @@ def _usage_error(message: str) -> int:
         m = re.match(r"Problem with given class_path '([^']+)': (.*?)(?= - Expected a <class 'NoneType'>|$)", last)
         if m:
             text = f"{m.group(2).strip(' -')} (in {m.group(1).rsplit('.', 1)[-1]}; see fedlt fit --help)"
+    elif _PLAIN_UNION.match(text):
+        # A plain value of a union type (e.g. trainer.devices: a number or 'auto'): name the key and the choices.
+        m = _PLAIN_UNION.match(text)
+        kinds = [_kind_words(k) for k in re.split(r",\s*(?![^\[]*\])", m.group(2))]
+        text = f"--{m.group(1)} {m.group(3)}: expected {' or '.join(kinds)}"
     elif "Does not validate against any of the Union subtypes" in text and "Errors: - " in text:
         # A constructor rejected a value (e.g. an unknown choice): keep that error, drop the schema dump.
         first = text.split("Errors: - ", 1)[1].split(" - Expected a <class 'NoneType'>", 1)[0].strip(" -")

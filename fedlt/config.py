@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass
@@ -14,10 +14,14 @@ class TrainerConfig:
         rounds: number of server rounds R.
         clients_per_round: clients sampled per round (>= num_clients means full participation).
         eval_every: evaluate GM/PM every this many rounds (and after the last round); 0 disables evaluation.
-        accelerator: ``cpu``, ``gpu``/``cuda`` or ``auto`` (Lightning Fabric accelerator).
-        devices: processes per node (one per GPU); on CPU, >1 simulates DDP ranks with gloo.
+        accelerator: ``auto`` (every visible GPU, else the CPU), ``gpu``/``cuda`` or ``cpu``; asking for a GPU that
+            is not there is an error.
+        devices: processes per node (one per GPU), or ``auto``: every visible GPU of the node, else one CPU
+            process; on CPU, >1 simulates DDP ranks with gloo. More GPUs than the node has is an error.
         num_nodes: number of nodes (SLURM multi-node).
-        precision: Fabric precision: ``32-true``, ``bf16-mixed`` or ``16-mixed``.
+        precision: Fabric precision: ``32-true``, ``bf16-mixed``, ``16-mixed`` or ``auto`` (``bf16-mixed`` on a GPU
+            that computes in bfloat16, compute capability 8.0 and newer; ``32-true`` elsewhere). The run prints
+            and ``config.yaml`` records the resolved accelerator, devices and precision.
         client_state: where per-client persistent tensors live: ``memory``, ``cpu`` or ``disk``.
         checkpoint_every: write a checkpoint every this many rounds (and after the last); 0 only at the end.
         keep_checkpoints: how many round checkpoints to keep (0 keeps all).
@@ -33,10 +37,10 @@ class TrainerConfig:
     rounds: int = 50
     clients_per_round: int = 10
     eval_every: int = 5
-    accelerator: str = "cpu"
-    devices: int = 1
+    accelerator: str = "auto"
+    devices: int | Literal["auto"] = "auto"
     num_nodes: int = 1
-    precision: str = "32-true"
+    precision: str = "auto"
     client_state: str = "cpu"
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
@@ -46,12 +50,20 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         # Ranges are checked here, when the config is instantiated: before any file or W&B run exists.
-        minimum = {"rounds": 1, "clients_per_round": 1, "eval_every": 0, "devices": 1, "num_nodes": 1,
+        minimum = {"rounds": 1, "clients_per_round": 1, "eval_every": 0, "num_nodes": 1,
                    "checkpoint_every": 0, "keep_checkpoints": 0, "eval_batch_size": 1}
         for name, low in minimum.items():
             value = getattr(self, name)
             if value < low:
                 raise ValueError(f"trainer.{name} must be >= {low}, got {value}")
+        if self.devices != "auto" and self.devices < 1:
+            raise ValueError(f"trainer.devices must be >= 1 or 'auto', got {self.devices}")
+        from fedlt.engine.hardware import ACCELERATORS, PRECISIONS
+
+        if str(self.accelerator).lower() not in ACCELERATORS:
+            raise ValueError(f"trainer.accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
+        if str(self.precision) not in PRECISIONS:
+            raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from fedlt.engine.checkpoint import (
 )
 from fedlt.engine.comm import Comm
 from fedlt.engine.faults import failpoint
+from fedlt.engine.hardware import Hardware, HardwareError, resolve_hardware
 from fedlt.engine.local_loop import NonFiniteLossError
 from fedlt.engine.rundir import (
     RESUME_ALLOWED,
@@ -81,19 +82,33 @@ class Experiment:
         self.fabric: Any = None
 
     # -- building ------------------------------------------------------------------------------------------
+    def resolve_hardware(self) -> Hardware:
+        """Resolves ``auto`` accelerator, devices and precision (:mod:`fedlt.engine.hardware`) into
+        ``trainer_cfg`` and the recorded config, so that ``config.yaml``, the resume guard and the report see what
+        the run used. Missing hardware is a :class:`UserError`, raised before anything is spawned or written."""
+        t = self.trainer_cfg
+        # Vectorized cohorts train in float32 only: there ``auto`` precision means 32-true on a GPU too.
+        precision = "32-true" if t.vectorize_cohort and t.precision == "auto" else t.precision
+        try:
+            hw = resolve_hardware(t.accelerator, t.devices, t.num_nodes, precision)
+        except HardwareError as err:
+            raise UserError(str(err)) from None
+        resolved = {"accelerator": hw.accelerator, "devices": hw.devices, "precision": hw.precision}
+        if any(getattr(t, k) != v for k, v in resolved.items()):
+            for k, v in resolved.items():
+                setattr(t, k, v)
+            self.config_yaml = _with_trainer_values(self.config_yaml, resolved)
+        self.hardware = hw
+        return hw
+
     def launch(self) -> Any:
         """Creates and launches Lightning Fabric (spawns the DDP processes when ``devices``/``num_nodes`` > 1)."""
         from lightning.fabric import Fabric
 
-        t = self.trainer_cfg
-        if str(t.accelerator).lower() in ("gpu", "cuda") and not torch.cuda.is_available():
-            raise UserError(f"--trainer.accelerator {t.accelerator}: no CUDA GPU is visible to this process "
-                            "(torch.cuda.is_available() is False). Use --trainer.accelerator cpu (or auto), or run on "
-                            "a GPU node with a CUDA build of torch.")
-        world = t.devices * t.num_nodes
-        strategy = "ddp" if world > 1 else "auto"
-        self.fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-                             strategy=strategy, precision=t.precision)
+        hw = self.resolve_hardware()
+        strategy = "ddp" if hw.world_size > 1 else "auto"
+        self.fabric = Fabric(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes,
+                             strategy=strategy, precision=hw.precision)
         self.fabric.launch()
         return self.fabric
 
@@ -164,6 +179,7 @@ class Experiment:
         # nothing to checkpoint; later at the next round boundary. The handlers live exactly as long as fit.
         flag = PreemptionFlag().install()
         try:
+            self.resolve_hardware()  # the recorded config holds the resolved values: the resume guard compares them
             ckpt_file = self._resume_checkpoint()
             ckpt = self._read_resume_checkpoint(ckpt_file) if ckpt_file is not None else None
             changes = self._resume_changes(ckpt, ckpt_file) if ckpt is not None else {}
@@ -447,6 +463,7 @@ class Experiment:
             f"{len(self.data.train)} train / {len(self.data.test)} test samples, {self.data.num_classes} classes | "
             f"groups ({s.get('group_convention')}): {groups} | world size {sim.world_size} | run dir {self.run_dir}"
         )
+        self._print(self.hardware.describe(self.trainer_cfg.clients_per_round, self.data.num_clients))
 
     # -- validate / partition ------------------------------------------------------------------------------
     def validate(self, ckpt_path: str) -> dict[str, float]:
@@ -488,6 +505,17 @@ def _write_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _with_trainer_values(config_yaml: str, values: dict[str, Any]) -> str:
+    """The config text with ``trainer.<key>`` set to ``values`` (the resolved hardware)."""
+    import yaml
+
+    loaded = yaml.safe_load(config_yaml) if config_yaml else None
+    if not isinstance(loaded, dict):
+        return config_yaml
+    loaded.setdefault("trainer", {}).update(values)
+    return yaml.safe_dump(loaded, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def _finalize(*loggers: Any, status: str = "success") -> None:

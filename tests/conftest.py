@@ -10,6 +10,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    """Runs default to every visible GPU (``trainer.accelerator: auto``); the suite stays on the CPU unless the
+    ``gpu``-marked tests are selected (``pytest -m gpu``), so that it gives the same results on any machine."""
+    marks = config.getoption("-m") or ""
+    if "gpu" not in marks.replace("not gpu", ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 import torch  # noqa: E402
 
 # The machine CI runs on has 2 cores; an explicit OMP_NUM_THREADS wins (the DDP worker processes inherit it, so
