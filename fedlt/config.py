@@ -68,18 +68,40 @@ class TrainerConfig:
 
 @dataclass
 class ModelConfig:
-    """The backbone.
+    """The backbone: a registered short form (``name``) or any importable ``nn.Module`` (``class_path``).
 
     Args:
-        name: a registered model (``fedlt models``-style names: cnn, mlp, resnet8/20/32/56, resnet18/34) or
-            ``timm:<name>`` for any timm model.
-        pretrained: load pretrained weights (timm models; needs internet or a local cache).
-        kwargs: extra constructor arguments of the model (e.g. ``hidden: 256``).
+        name: a registered model (``cnn``, ``mlp``, ``resnet8/20/32/56``, ``resnet18/34``), ``timm:<name>`` for
+            any timm model or ``clip:<name>`` for an open_clip model. Ignored when ``class_path`` is set.
+        pretrained: load pretrained weights (timm and CLIP models; needs internet or a local cache).
+        kwargs: extra constructor arguments of a registered model (e.g. ``hidden: 256``).
+        class_path: dotted import path of your own ``torch.nn.Module`` (e.g. ``mypkg.nets.MyNet``), built with
+            ``init_args``; its constructor's ``num_classes``, ``in_channels`` and ``image_size`` are filled in from
+            the data unless ``init_args`` sets them.
+        init_args: constructor arguments of ``class_path``; one it does not take is an error naming the valid ones.
+        head: with ``class_path``: the (dotted) name of the classifier submodule, applied last in ``forward`` to a
+            (batch, features) tensor. It becomes the model's ``head`` (personal heads, classifier re-training, ...);
+            the rest is the feature extractor. Checked on an example batch at start.
     """
 
     name: str = "cnn"
     pretrained: bool = False
     kwargs: dict[str, Any] = field(default_factory=dict)
+    class_path: str | None = None
+    init_args: dict[str, Any] = field(default_factory=dict)
+    head: str = "head"
+
+    def __post_init__(self) -> None:
+        if self.class_path is None:
+            if self.init_args:
+                raise ValueError("model.init_args is for model.class_path (your own module); a registered model "
+                                 f"({self.name!r}) takes model.kwargs")
+            return
+        if self.kwargs:
+            raise ValueError("model.kwargs is for registered models; with model.class_path pass model.init_args")
+        if self.pretrained:
+            raise ValueError("model.pretrained is for timm and CLIP models; with model.class_path load the weights "
+                             "in your module's constructor")
 
 
 @dataclass

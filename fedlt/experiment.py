@@ -119,10 +119,7 @@ class Experiment:
         device = self.comm.device
         self.data.setup(device)
         torch.manual_seed(self.seed)
-        m = self.model_cfg
-        model = build_model(m.name, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
-                            image_size=self.data.image_size, pretrained=m.pretrained,
-                            class_names=list(self.data.class_names), dataset=self.data.source_name, **m.kwargs)
+        model = self._build_model()
         t = self.trainer_cfg
         sim = Simulator(self.fabric, self.data, model, self.method, rounds=t.rounds,
                         clients_per_round=t.clients_per_round, eval_every=t.eval_every, seed=self.seed,
@@ -135,6 +132,18 @@ class Experiment:
             return sim.setup()
         except VectorizationError as err:  # an unsupported method or model for trainer.vectorize_cohort
             raise UserError(str(err)) from None
+
+    def _build_model(self) -> Any:
+        """The configured backbone: a registered short form or the user's ``class_path`` module."""
+        m, d = self.model_cfg, self.data
+        if m.class_path is not None:
+            from fedlt.models.custom import build_user_model
+
+            return build_user_model(m.class_path, m.init_args, m.head, num_classes=d.num_classes,
+                                    in_channels=d.in_channels, image_size=d.image_size)
+        return build_model(m.name, num_classes=d.num_classes, in_channels=d.in_channels, image_size=d.image_size,
+                           pretrained=m.pretrained, class_names=list(d.class_names), dataset=d.source_name,
+                           **m.kwargs)
 
     @property
     def is_rank_zero(self) -> bool:

@@ -36,6 +36,9 @@ RESUME_ALLOWED = (
 # checkpoint whose config predates the setting resumes when the setting has that value (and only then).
 ADDED_SETTINGS: dict[str, object] = {
     "trainer.vectorize_cohort": False,
+    "model.class_path": None,
+    "model.init_args": {},
+    "model.head": "head",
 }
 
 # Not part of what a run computes, nor worth recording: how this invocation was asked to start.
