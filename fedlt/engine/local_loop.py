@@ -98,17 +98,28 @@ class LocalTrainer:
 
     def run(self, batches: Iterable[tuple[Tensor, ...]], step_fn: Callable[[tuple[Tensor, ...]], StepOutput],
             optimizers: Sequence[torch.optim.Optimizer], grad_clip: float | None = None,
-            automatic: bool = True) -> list[dict[str, Tensor]]:
+            automatic: bool = True, lr_factors: Sequence[float] | None = None,
+            method: FedMethod | None = None) -> list[dict[str, Tensor]]:
         """The per-batch loop itself: ``step_fn`` under the precision context, then (``automatic``) backward and
         one step of every optimizer. Local training (:meth:`fit`) and every other optimisation over a client's
         batches (e.g. FedBABU/FedETF personal fine-tuning) go through here.
+
+        ``lr_factors`` (one per batch) scale every optimizer's learning rates, relative to the values they start
+        with, before each step (a local learning-rate schedule); ``method.current_lr`` then follows them too.
 
         Returns:
             The per-step loss parts.
         """
         records: list[dict[str, Tensor]] = []
         last = len(optimizers) - 1
-        for batch in batches:
+        groups = [g for opt in optimizers for g in opt.param_groups] if lr_factors is not None else []
+        base = [g["lr"] for g in groups]
+        for i, batch in enumerate(batches):
+            if lr_factors is not None:
+                for g, lr in zip(groups, base):
+                    g["lr"] = lr * lr_factors[i]
+                if method is not None:
+                    method._local_factor = lr_factors[i]
             with self.autocast():
                 out = step_fn(batch)
             if automatic:
@@ -130,8 +141,13 @@ class LocalTrainer:
         data, train, gen = self.data, self.data.train, ctx.generator
         order = self.batch_indices(indices, ctx, method.batch_size, method.local_epochs, method.local_steps)
         batches = (data.get_batch(train, idx, gen, train=True) for idx in order)
-        records = self.run(batches, lambda b: method.training_step(b, ctx), optimizers, method.grad_clip,
-                           method.automatic_optimization)
+        schedule = method.local_lr_schedule
+        factors = [schedule.factor(i, len(order)) for i in range(1, len(order) + 1)] if schedule else None
+        try:
+            records = self.run(batches, lambda b: method.training_step(b, ctx), optimizers, method.grad_clip,
+                               method.automatic_optimization, lr_factors=factors, method=method)
+        finally:
+            method._local_factor = 1.0
         method._optimizers = []
         if not records:
             return {}, 0

@@ -39,6 +39,9 @@ ADDED_SETTINGS: dict[str, object] = {
     "model.class_path": None,
     "model.init_args": {},
     "model.head": "head",
+    "method.init_args.lr_schedule": None,
+    "method.init_args.local_lr_schedule": None,
+    "method.init_args.server_lr_schedule": None,
 }
 
 # Not part of what a run computes, nor worth recording: how this invocation was asked to start.

@@ -248,6 +248,7 @@ class Simulator:
         mine = assign_to_ranks(cohort, self._sizes, self.world_size)[self.rank]
         self.reducer.begin_round(round)
         self.store.begin_round(round)
+        self.method.begin_round(round)
         client_sums: list[dict[str, Tensor]] = []
         total_steps = 0
         self.model.train()
@@ -267,6 +268,7 @@ class Simulator:
             self._after_aggregation(round, mine)
         self.sync_clients(cohort, mine)
         self.round = round
+        metrics.update(self.method.round_metrics(round))
         metrics["time/round_s"] = time.perf_counter() - t0
         return RoundResult(round=round, cohort=cohort, metrics=metrics)
 

@@ -58,6 +58,10 @@ def check_vectorizable(sim: Simulator) -> None:
                                      "it or set trainer.vectorize_cohort false")
     if sim.precision != "32-true":
         raise VectorizationError(f"trainer.vectorize_cohort needs trainer.precision 32-true, got {sim.precision}")
+    if method.local_lr_schedule is not None:
+        raise VectorizationError("trainer.vectorize_cohort: a local_lr_schedule (within a client's steps) is not "
+                                 "supported vectorized; use lr_schedule (per round) or set trainer.vectorize_cohort "
+                                 "false")
     if method.momentum < 0 or method.weight_decay < 0:
         raise VectorizationError("trainer.vectorize_cohort: momentum and weight decay must be >= 0")
 
@@ -320,7 +324,7 @@ class VectorizedCohort:
                 torch._foreach_mul_(bufs, method.momentum)
                 torch._foreach_add_(bufs, gs)
             gs = bufs
-        torch._foreach_add_(ps, gs, alpha=-method.lr)
+        torch._foreach_add_(ps, gs, alpha=-method.current_lr)
 
     @torch.no_grad()
     def _sgd(self, stacked: dict[str, Tensor], momentum: dict[str, Tensor], params: dict[str, Tensor],
@@ -343,5 +347,5 @@ class VectorizedCohort:
                     buf = method.momentum * momentum[n][rows] + d
                 momentum[n][rows] = buf
                 d = buf
-            stacked[n][rows] = p - method.lr * d
+            stacked[n][rows] = p - method.current_lr * d
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from fedlt.engine.params import copy_tensors_
 from fedlt.methods.base import Reducer
 from fedlt.methods.fedavg import FedAvg
+from fedlt.schedules import Schedule
 
 RULES = ("sgdm", "adagrad", "adam", "yogi")
 
@@ -53,6 +54,9 @@ class ServerOptReducer(Reducer):
         tau: adaptivity tau (``adagrad``, ``adam``, ``yogi``).
         average_keys: float keys that take the weighted mean instead of the optimizer step (buffers).
         extras: names and shapes of extra client uploads (see :class:`Reducer`).
+        lr_schedule: the server learning rate of round t is ``lr * lr_schedule.factor(t, rounds)``
+            (:mod:`fedlt.schedules`; ``None``: constant).
+        rounds: the run's rounds R (the schedule's total).
     """
 
     def __init__(
@@ -64,8 +68,11 @@ class ServerOptReducer(Reducer):
         tau: float = 1e-3,
         average_keys: Iterable[str] = (),
         extras: dict[str, tuple[int, ...]] | None = None,
+        lr_schedule: Schedule | None = None,
+        rounds: int = 1,
     ) -> None:
         super().__init__(extras)
+        self.lr_schedule, self.rounds = lr_schedule, int(rounds)
         if rule not in RULES:
             raise ValueError(f"unknown server optimizer {rule!r}; valid: {', '.join(RULES)}")
         _check_hparams(lr, beta1, beta2, tau, adaptive=rule != "sgdm")
@@ -97,23 +104,28 @@ class ServerOptReducer(Reducer):
             x = [self.global_state[k] for k in self.opt_keys]
             target = [mean[k].to(t.dtype) for k, t in zip(self.opt_keys, x)]
             delta = torch._foreach_sub(target, x)
+            lr = self.round_lr(round)
             if self.rule == "sgdm":
-                self._momentum_step(x, target, delta)
+                self._momentum_step(x, target, delta, lr)
             else:
-                self._adaptive_step(x, delta)
+                self._adaptive_step(x, delta, lr)
 
-    def _momentum_step(self, x: list[Tensor], target: list[Tensor], delta: list[Tensor]) -> None:
+    def round_lr(self, round: int) -> float:
+        """The server learning rate of ``round`` (``lr`` without a schedule)."""
+        return self.lr if self.lr_schedule is None else self.lr_schedule(self.lr, round, self.rounds)
+
+    def _momentum_step(self, x: list[Tensor], target: list[Tensor], delta: list[Tensor], lr: float) -> None:
         """``x + eta (beta m + Delta)`` written as ``mean + (eta - 1) Delta + eta beta m``: algebraically the
         same, and exactly the weighted mean (FedAvg, bit for bit) when ``eta = 1`` and ``beta = 0``."""
-        step = torch._foreach_mul(delta, self.lr - 1.0)
+        step = torch._foreach_mul(delta, lr - 1.0)
         m = [self.m[k] for k in self.opt_keys] if self.m else []
         if m:
-            torch._foreach_add_(step, m, alpha=self.lr * self.beta1)
+            torch._foreach_add_(step, m, alpha=lr * self.beta1)
             torch._foreach_mul_(m, self.beta1)
             torch._foreach_add_(m, delta)
         copy_tensors_(x, torch._foreach_add(target, step))
 
-    def _adaptive_step(self, x: list[Tensor], delta: list[Tensor]) -> None:
+    def _adaptive_step(self, x: list[Tensor], delta: list[Tensor], lr: float) -> None:
         """Reddi et al. Algorithm 2: first moment, Adagrad/Adam/Yogi second moment, ``x += eta m/(sqrt v + tau)``."""
         m = [self.m[k] for k in self.opt_keys]
         v = [self.v[k] for k in self.opt_keys]
@@ -132,7 +144,7 @@ class ServerOptReducer(Reducer):
             torch._foreach_add_(v, sign, alpha=-(1.0 - self.beta2))
         denom = torch._foreach_sqrt(v)
         torch._foreach_add_(denom, self.tau)
-        torch._foreach_add_(x, torch._foreach_div(m, denom), alpha=self.lr)
+        torch._foreach_add_(x, torch._foreach_div(m, denom), alpha=lr)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -175,19 +187,30 @@ class ServerOptMethod(FedAvg):
         beta1: first-moment decay beta_1 (server momentum beta for ``sgdm``).
         beta2: second-moment decay beta_2.
         tau: adaptivity tau.
+        server_lr_schedule: the server learning rate per round, ``server_lr * factor(round, rounds)``
+            (:mod:`fedlt.schedules`; ``None``: constant).
         **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
     rule: ClassVar[str] = "adam"
 
-    def __init__(self, server_lr: float, beta1: float, beta2: float = 0.99, tau: float = 1e-3, **kwargs) -> None:
+    def __init__(self, server_lr: float, beta1: float, beta2: float = 0.99, tau: float = 1e-3,
+                 server_lr_schedule: Schedule | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.server_lr_schedule = server_lr_schedule
         _check_hparams(server_lr, beta1, beta2, tau, adaptive=self.rule != "sgdm")
         self.server_lr = server_lr
         self.beta1 = beta1
         self.beta2 = beta2
         self.tau = tau
 
+    def round_metrics(self, round: int) -> dict[str, float]:
+        metrics = super().round_metrics(round)
+        if self.server_lr_schedule is not None:
+            metrics["train/server_lr"] = self.server_lr_schedule(self.server_lr, round, self.run.rounds)
+        return metrics
+
     def configure_reducer(self) -> Reducer:
         return ServerOptReducer(self.rule, self.server_lr, self.beta1, self.beta2, self.tau,
-                                average_keys=buffer_keys(self.model))
+                                average_keys=buffer_keys(self.model), lr_schedule=self.server_lr_schedule,
+                                rounds=self.run.rounds)

@@ -17,6 +17,7 @@ from fedlt.engine.exact import ExactSum, magnitudes
 from fedlt.engine.params import FlatLayout, copy_tensors_
 from fedlt.losses import CrossEntropy, Loss
 from fedlt.registry import Registry
+from fedlt.schedules import Schedule
 from fedlt.types import ClientContext, ClientUpdate, PaperRef, ServerMessage, StepOutput
 
 if TYPE_CHECKING:
@@ -199,6 +200,11 @@ class FedMethod:
         grad_clip: clip the global gradient L2 norm to this value (``None``: no clipping).
         loss: the local classification loss (default cross-entropy); long-tail losses calibrate to the
             client's local label histogram.
+        lr_schedule: the local learning rate per round, ``lr * lr_schedule.factor(round, rounds)``
+            (:mod:`fedlt.schedules`: ``Exponential``, ``Step``, ``MultiStep``, ``Cosine``, ``Warmup``); every
+            local-training optimizer and update rule of the method uses it (:attr:`current_lr`). ``None``: constant.
+        local_lr_schedule: a schedule within each client's local training, over its local steps of the round
+            (``factor(step, steps)`` times the round's rate; fresh for every client). ``None``: constant.
     """
 
     paper: ClassVar[PaperRef | None] = None
@@ -234,6 +240,8 @@ class FedMethod:
         batch_size: int = 32,
         grad_clip: float | None = None,
         loss: Loss | None = None,
+        lr_schedule: Schedule | None = None,
+        local_lr_schedule: Schedule | None = None,
     ) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
@@ -247,6 +255,10 @@ class FedMethod:
         self.batch_size = batch_size
         self.grad_clip = grad_clip
         self.loss = loss if loss is not None else CrossEntropy()
+        self.lr_schedule = lr_schedule
+        self.local_lr_schedule = local_lr_schedule
+        self._lr_round = 1
+        self._local_factor = 1.0  # the local schedule's factor at the current local step (set by the LocalTrainer)
         self._optimizers: list[torch.optim.Optimizer] = []
 
     # -- wiring ----------------------------------------------------------------------------------------------
@@ -273,6 +285,30 @@ class FedMethod:
         self.trainer = trainer
         self.shared_tensors: dict[str, Tensor] = {}
 
+    def begin_round(self, round: int) -> None:
+        """Called by the engine on every rank before round ``round``'s client passes (default: sets the round of
+        :attr:`current_lr`). Overrides call ``super().begin_round(round)``."""
+        self._lr_round = int(round)
+
+    def round_lr(self, round: int) -> float:
+        """The local learning rate of ``round``: ``lr`` times ``lr_schedule``'s factor (``lr`` without one)."""
+        if self.lr_schedule is None:
+            return float(self.lr)
+        return self.lr_schedule(self.lr, round, self.run.rounds)
+
+    @property
+    def current_lr(self) -> float:
+        """The local learning rate in effect: the round's rate (:meth:`round_lr`) times, during local training,
+        ``local_lr_schedule``'s factor at the current step. Optimizers built in :meth:`configure_optimizers` start
+        from it and the local trainer follows the local schedule; update rules written by hand use it directly
+        (the base ``lr`` stays the configured value)."""
+        return self.round_lr(self._lr_round) * self._local_factor
+
+    def round_metrics(self, round: int) -> dict[str, float]:
+        """Values the same on every rank to log with the round's train metrics (default: ``train/lr`` when the
+        local learning rate is scheduled)."""
+        return {"train/lr": self.round_lr(round)} if self.lr_schedule is not None else {}
+
     def is_personal(self, key: str) -> bool:
         """Whether a model state-dict key stays on the client (never aggregated)."""
         return key.startswith(self.personal_prefixes) if self.personal_prefixes else False
@@ -291,7 +327,7 @@ class FedMethod:
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """The local optimizer(s), fresh for every client."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return [torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)]
+        return [torch.optim.SGD(params, lr=self.current_lr, momentum=self.momentum, weight_decay=self.weight_decay)]
 
     def on_client_start(self, ctx: ClientContext) -> None:
         """Per-client setup after the global and personal state are loaded."""

@@ -106,7 +106,7 @@ class Ditto(FedAvg):
         glob = [p for n, p in self.model.named_parameters() if not n.startswith(_PREFIX) and p.requires_grad]
         pers = [p for p in self.personal_model.parameters() if p.requires_grad]
         return [
-            torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+            torch.optim.SGD(params, lr=self.current_lr, momentum=self.momentum, weight_decay=self.weight_decay)
             for params in (glob, pers)
         ]
 

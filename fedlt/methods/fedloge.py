@@ -271,7 +271,7 @@ class FedLoGe(FedAvg):
         return [self._sgd(body), self._sgd(self.model.head.parameters()), self._sgd(self.model.l_head.parameters())]
 
     def _sgd(self, params: Any) -> torch.optim.Optimizer:
-        return torch.optim.SGD(list(params), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.SGD(list(params), lr=self.current_lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     # -- client ----------------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:

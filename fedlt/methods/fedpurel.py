@@ -340,7 +340,7 @@ class FedPuReL(FedAvg):
 
     # -- Stage 1 ---------------------------------------------------------------------------------------------
     def _stage1_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self._global_params, lr=self.lr, momentum=self.momentum,
+        return torch.optim.SGD(self._global_params, lr=self.current_lr, momentum=self.momentum,
                                weight_decay=self.weight_decay)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:

@@ -86,7 +86,7 @@ class FedRoD(FedAvg):
         return [self._sgd(generic), self._sgd(personal)]
 
     def _sgd(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return torch.optim.SGD(params, lr=self.current_lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         x, y = batch[0], batch[1]

@@ -513,11 +513,11 @@ class FedTAIL(FedAvg):
         return {_LAMBDA: torch.zeros(self.num_classes)} if self.class_sam and self.hessian_ema > 0 else {}
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        main = torch.optim.SGD(self._w + self._psi, lr=self.lr, momentum=self.momentum,
+        main = torch.optim.SGD(self._w + self._psi, lr=self.current_lr, momentum=self.momentum,
                                weight_decay=self.weight_decay)
         if not self._aux:
             return [main]
-        aux = torch.optim.SGD(self._aux, lr=self.lr * self.aux_lr_scale, momentum=self.momentum,
+        aux = torch.optim.SGD(self._aux, lr=self.current_lr * self.aux_lr_scale, momentum=self.momentum,
                               weight_decay=self.weight_decay)
         return [main, aux]
 

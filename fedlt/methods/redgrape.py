@@ -482,9 +482,9 @@ class RedGrape(FedAvg):
             if held is not None:
                 self._keep_carried(held)
             with torch.no_grad():
-                head.weight.sub_(hat_w.to(head.weight.dtype), alpha=self.lr * self.lam)
+                head.weight.sub_(hat_w.to(head.weight.dtype), alpha=self.current_lr * self.lam)
                 if head.bias is not None:
-                    head.bias.sub_(hat_b.to(head.bias.dtype), alpha=self.lr * self.lam)
+                    head.bias.sub_(hat_b.to(head.bias.dtype), alpha=self.current_lr * self.lam)
         else:
             scale = self.trainer.scaler.get_scale() if self.trainer.scaler is not None else 1.0
             with torch.no_grad():

@@ -153,22 +153,27 @@ class Scaffold(FedAvg):
         self._c_i = {k: ctx.state.get(_CI + k, torch.zeros_like(v)) for k, v in c.items()}
         self._correction = {k: c[k] - self._c_i[k] for k in c}
         self._steps = 0
+        self._lr_sum = 0.0
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         controlled = self._controlled()
         pairs = [(controlled[k], corr) for k, corr in self._correction.items()]
-        return [_CorrectedSGD(params, pairs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)]
+        return [_CorrectedSGD(params, pairs, lr=self.current_lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay)]
 
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         self._steps += 1  # one optimizer step per training_step (automatic optimization)
+        self._lr_sum += self.current_lr  # the step's rate (a local_lr_schedule changes it step by step)
         return super().training_step(batch, ctx)
 
     def on_client_end(self, ctx: ClientContext) -> ClientUpdate:
         x, c = ctx.message.state, ctx.message.extras["c"]
         with torch.no_grad():
             if self._steps > 0:  # option II: c_i+ = c_i - c + (x - y_i) / (K eta_l)
-                scale = 1.0 / (self._steps * self.lr)
+                # K eta_l is the sum of the K steps' rates: K times the round's rate without a local schedule.
+                lr_sum = self._steps * self.current_lr if self.local_lr_schedule is None else self._lr_sum
+                scale = 1.0 / lr_sum
                 new = {k: self._c_i[k] - c[k] + (x[k] - self.shared_tensors[k]).float() * scale for k in c}
             else:  # a client without a single step learned nothing: keep c_i
                 new = dict(self._c_i)
