@@ -369,7 +369,7 @@ class Experiment:
             for lg in (csv_logger, wandb_logger):
                 if lg is not None:
                     lg.log_metrics(metrics, step=rnd)
-            bar.update(rnd, metrics)
+            bar.update(rnd, metrics, sim.method.prog_bar_metrics)
             last = rnd == t.rounds
             failpoint("round.end")
             stop = sim.preempted(flag.raised)

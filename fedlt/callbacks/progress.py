@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from tqdm import tqdm
@@ -22,13 +23,18 @@ class ProgressBar:
                         file=sys.stdout, dynamic_ncols=True, leave=True)
         self.last_acc: float | None = None
 
-    def update(self, round: int, metrics: dict[str, Any]) -> None:
+    def update(self, round: int, metrics: dict[str, Any], keys: Iterable[str] = ()) -> None:
+        """Advances to ``round``; shows the loss, the last accuracy and the metrics ``keys`` (``self.log(...,
+        prog_bar=True)``)."""
         acc = metrics.get("test/global/acc", metrics.get("test/personal/acc_mean"))
         if acc is not None:
             self.last_acc = acc
         postfix = {"loss": f"{metrics.get('train/loss', float('nan')):.3f}"}
         if self.last_acc is not None:
             postfix["acc"] = f"{100 * self.last_acc:.1f}"
+        for key in sorted(keys):
+            if key in metrics:
+                postfix[key.removeprefix("train/")] = f"{metrics[key]:.4g}"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 

@@ -22,7 +22,7 @@ from fedlt.engine.comm import Comm, RunInfo
 from fedlt.engine.evaluation import Evaluator
 from fedlt.engine.exact import ExactSumOverflow, sum_host_rows
 from fedlt.engine.faults import failpoint
-from fedlt.engine.local_loop import LocalTrainer, NonFiniteLossError
+from fedlt.engine.local_loop import COUNT, LocalTrainer, NonFiniteLossError, part_metric
 from fedlt.engine.params import copy_tensors_, model_tensors, snapshot, split_keys
 from fedlt.engine.sharding import assign_to_ranks, client_seed, sample_cohort, seed_global_rng
 from fedlt.types import ClientContext, ServerMessage
@@ -312,7 +312,11 @@ class Simulator:
                 "method.init_args.grad_clip."
             )
         n = max(values[-1], 1.0)
-        return {("train/loss" if k == "loss" else f"train/loss_{k}"): v / n for k, v in zip(names, values)}
+        sums = dict(zip(names, values))
+        # Loss parts: the mean over all steps; logged values (``FedMethod.log``, keys with a prefix): the mean over
+        # the steps that logged them.
+        return {(k if "/" in k else part_metric(k)): v / (max(sums.get(k + COUNT, 0.0), 1.0) if "/" in k else n)
+                for k, v in sums.items() if not k.endswith(COUNT)}
 
     def _reduce_losses(self, names: list[str], local_names: list[str], client_sums: list[dict[str, Tensor]],
                        steps: int, cohort: list[int], mine: list[int]) -> tuple[list[float], list[float]]:

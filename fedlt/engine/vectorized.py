@@ -58,6 +58,9 @@ def check_vectorizable(sim: Simulator) -> None:
                                      "it or set trainer.vectorize_cohort false")
     if sim.precision != "32-true":
         raise VectorizationError(f"trainer.vectorize_cohort needs trainer.precision 32-true, got {sim.precision}")
+    if getattr(method, "lightning", None) is not None:
+        raise VectorizationError("trainer.vectorize_cohort: a LightningModule's own training_step cannot be "
+                                 "vectorized; set trainer.vectorize_cohort false")
     if method.local_lr_schedule is not None:
         raise VectorizationError("trainer.vectorize_cohort: a local_lr_schedule (within a client's steps) is not "
                                  "supported vectorized; use lr_schedule (per round) or set trainer.vectorize_cohort "

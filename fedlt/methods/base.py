@@ -218,6 +218,11 @@ class FedMethod:
     # changes -- e.g. zero-shot CLIP; the contract suite then checks only its evaluation).
     trains: ClassVar[bool] = True
     personal_prefixes: ClassVar[tuple[str, ...]] = ()
+    # Whether the method's client step is the plain loss, so that a user's LightningModule (model.class_path) can
+    # supply it (its training_step and configure_optimizers; fedlt.methods._lightning). Declared by the class
+    # body itself, never inherited, like ``vectorizable``.
+    lightning_client: ClassVar[bool] = False
+    lightning: Any = None  # the LightningClient driving a user's LightningModule (set in ``setup``)
     # Whether a global model exists for GM evaluation; a method may also set it per instance in ``setup``
     # when it depends on the model (FedBN without BatchNorm layers is FedAvg).
     has_global_model: bool = True
@@ -258,6 +263,7 @@ class FedMethod:
         self.lr_schedule = lr_schedule
         self.local_lr_schedule = local_lr_schedule
         self._lr_round = 1
+        self.prog_bar_metrics: set[str] = set()  # train metrics the progress bar shows: self.log(..., prog_bar=True)
         self._local_factor = 1.0  # the local schedule's factor at the current local step (set by the LocalTrainer)
         self._optimizers: list[torch.optim.Optimizer] = []
 
@@ -284,6 +290,12 @@ class FedMethod:
         self.num_classes = data.num_classes
         self.trainer = trainer
         self.shared_tensors: dict[str, Tensor] = {}
+        if getattr(model, "lightning_module", None) is not None:  # a user's LightningModule (fedlt.models.custom)
+            from fedlt.methods._lightning import LightningClient
+
+            self.lightning = LightningClient(self, model)
+        else:
+            self.lightning = None
 
     def begin_round(self, round: int) -> None:
         """Called by the engine on every rank before round ``round``'s client passes (default: sets the round of
@@ -323,9 +335,61 @@ class FedMethod:
         ``personal_keys`` at setup). Methods whose personal *non-model* state changes PM override this."""
         return bool(getattr(self, "personal_keys", ())) or bool(self.personal_prefixes)
 
+    # -- Lightning's client API (during a client's local fit) ---------------------------------------------------
+    def log(self, name: str, value: Tensor | float, prog_bar: bool = False, logger: bool = True,
+            on_step: bool | None = None, on_epoch: bool | None = None, reduce_fx: str = "mean",
+            sync_dist: bool = False, batch_size: int | None = None) -> None:
+        """Logs a scalar from ``training_step`` (as ``LightningModule.log``): the round's train metrics get
+        ``train/<name>`` (a name with a ``/`` is kept as it is), the mean over every step of the round's clients
+        that logged it, reduced exactly across clients and ranks, and it reaches ``metrics.csv`` and W&B with the
+        loss (``prog_bar=True``: the progress bar too). Lightning's other arguments are accepted; only
+        ``reduce_fx="mean"`` exists (values are always synchronised across ranks, once per round);
+        ``logger=False`` drops the value."""
+        if reduce_fx not in ("mean", torch.mean):
+            raise ValueError(f"log({name!r}): reduce_fx={reduce_fx!r}; fedlt reduces logged values by their mean "
+                             "over the round's local steps")
+        if logger:
+            self.trainer.log(name, value)
+            if prog_bar:
+                from fedlt.engine.local_loop import metric_name
+
+                self.prog_bar_metrics.add(metric_name(name))
+
+    def log_dict(self, dictionary: dict[str, Tensor | float], **kwargs: Any) -> None:
+        """:meth:`log` for every entry of ``dictionary``."""
+        for name, value in dictionary.items():
+            self.log(name, value, **kwargs)
+
+    def optimizers(self) -> Any:
+        """The optimizers of the current local fit, as ``configure_optimizers`` returned them (one, or a list):
+        :class:`~fedlt.engine.local_loop.ClientOptimizer` wrappers whose ``step()`` applies the precision's
+        gradient unscaling and ``grad_clip`` (manual optimization: ``opt.zero_grad()``, ``self.manual_backward``,
+        ``opt.step()``)."""
+        opts = self.trainer.optimizers
+        if not opts:
+            raise RuntimeError("optimizers(): available during a client's local training only")
+        return opts[0] if len(opts) == 1 else list(opts)
+
+    def lr_schedulers(self) -> Any:
+        """The learning-rate schedulers ``configure_optimizers`` returned for the current local fit (one, a list,
+        or ``None``); with manual optimization the method steps them."""
+        scheds = [c.scheduler for c in self.trainer.schedulers]
+        if not scheds:
+            return None
+        return scheds[0] if len(scheds) == 1 else scheds
+
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """``loss.backward()`` with the precision's gradient scaling (manual optimization)."""
+        self.trainer.backward(loss, *args, **kwargs)
+
     # -- client half -----------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        """The local optimizer(s), fresh for every client."""
+    def configure_optimizers(self) -> Any:
+        """The local optimizer(s), fresh for every client: any of Lightning's forms (an optimizer, a list, a dict
+        with ``optimizer`` and ``lr_scheduler``, a list of such dicts, or two lists ``(optimizers, schedulers)``).
+        A scheduler steps every local epoch (``interval: step``: every optimizer step) of the client's fit.
+        With a user's LightningModule, its own ``configure_optimizers``."""
+        if self.lightning is not None:
+            return self.lightning.configure_optimizers()
         params = [p for p in self.model.parameters() if p.requires_grad]
         return [torch.optim.SGD(params, lr=self.current_lr, momentum=self.momentum, weight_decay=self.weight_decay)]
 
@@ -333,7 +397,10 @@ class FedMethod:
         """Per-client setup after the global and personal state are loaded."""
 
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
-        """The configured loss (default cross-entropy) on the mini-batch."""
+        """The configured loss (default cross-entropy) on the mini-batch; with a user's LightningModule, its own
+        ``training_step``."""
+        if self.lightning is not None:
+            return self.lightning.training_step(batch, ctx)
         x, y = batch[0], batch[1]
         loss = self.loss(self.model(x), y, ctx.class_counts, ctx.round)
         return StepOutput(loss=loss, parts={"loss": loss.detach()})

@@ -122,8 +122,10 @@ class Ditto(FedAvg):
     def _global_step(self, x: Tensor, y: Tensor, ctx: ClientContext) -> Tensor:
         """One FedAvg step of w on the local loss."""
         loss = self.loss(self.model(x), y, ctx.class_counts, ctx.round)
-        self.trainer.backward(loss)
-        self.trainer.step(self._optimizers[0], self.grad_clip)
+        opt = self.optimizers()[0]
+        self.manual_backward(loss)
+        opt.step()
+        opt.zero_grad()
         return loss.detach()
 
     def _personal_step(self, x: Tensor, y: Tensor, ctx: ClientContext) -> Tensor:
@@ -132,8 +134,10 @@ class Ditto(FedAvg):
         if self.lam > 0 and self._anchor:
             prox = torch.stack([(p - w).pow(2).sum() for p, w in self._anchor]).sum()
             loss = loss + 0.5 * self.lam * prox
-        self.trainer.backward(loss)
-        self.trainer.step(self._optimizers[1], self.grad_clip)
+        opt = self.optimizers()[1]
+        self.manual_backward(loss)
+        opt.step()
+        opt.zero_grad()
         return loss.detach()
 
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:

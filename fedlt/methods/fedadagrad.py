@@ -31,6 +31,7 @@ class FedAdagrad(ServerOptMethod):
     """
 
     paper = PaperRef(title="Adaptive Federated Optimization", venue="ICLR 2021", arxiv="2003.00295")
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it
     rule = "adagrad"
 
     def __init__(self, server_lr: float = 1e-1, beta1: float = 0.9, tau: float = 1e-2, **kwargs) -> None:

@@ -33,6 +33,7 @@ class FedAdam(ServerOptMethod):
     """
 
     paper = PaperRef(title="Adaptive Federated Optimization", venue="ICLR 2021", arxiv="2003.00295")
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it
     rule = "adam"
 
     def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,

@@ -28,3 +28,4 @@ class FedAvg(FedMethod):
         venue="AISTATS 2017",
         arxiv="1602.05629",
     )
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it

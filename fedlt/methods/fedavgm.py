@@ -35,6 +35,7 @@ class FedAvgM(ServerOptMethod):
         venue="arXiv 2019",
         arxiv="1909.06335",
     )
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it
     rule = "sgdm"
 
     def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.9, **kwargs) -> None:

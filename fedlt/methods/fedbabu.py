@@ -47,6 +47,7 @@ class FedBABU(FedAvg):
         venue="ICLR 2022",
         arxiv="2106.06042",
     )
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it
 
     def __init__(self, finetune_epochs: int = 5, finetune_lr: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -44,6 +44,7 @@ class FedBN(FedAvg):
         venue="ICLR 2021",
         arxiv="2102.07623",
     )
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

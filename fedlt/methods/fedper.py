@@ -36,6 +36,7 @@ class FedPer(FedAvg):
         venue="arXiv 2019",
         arxiv="1912.00818",
     )
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it
     has_global_model = False
 
     def __init__(self, personal_layers: tuple[str, ...] = ("head.",), **kwargs) -> None:

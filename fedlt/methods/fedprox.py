@@ -34,6 +34,7 @@ class FedProx(FedAvg):
         venue="MLSys 2020",
         arxiv="1812.06127",
     )
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it
 
     def __init__(self, mu: float = 0.01, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -90,16 +90,16 @@ class FedRoD(FedAvg):
 
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         x, y = batch[0], batch[1]
-        opt_generic, opt_personal = self._optimizers
+        opt_generic, opt_personal = self.optimizers()
         features = self.model.forward_features(x)
         z_g = self.model.head(features)
         loss_g = self.loss(z_g, y, ctx.class_counts, ctx.round)
         # Personal loss on the detached generic logits and features: only h_k learns from it.
         loss_p = F.cross_entropy(z_g.detach() + self.model.p_head(features.detach()), y)
-        self.trainer.backward(loss_g)
-        self.trainer.step(opt_generic, self.grad_clip)
-        self.trainer.backward(loss_p)
-        self.trainer.step(opt_personal, self.grad_clip)
+        for opt, loss in ((opt_generic, loss_g), (opt_personal, loss_p)):
+            self.manual_backward(loss)
+            opt.step()
+            opt.zero_grad()
         loss_g, loss_p = loss_g.detach(), loss_p.detach()
         return StepOutput(loss=None, parts={"loss": loss_g + loss_p, "generic": loss_g, "personal": loss_p})
 

@@ -97,17 +97,18 @@ class FedSAM(FedAvg):
 
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         x, y = batch[0], batch[1]
-        (opt,) = self._optimizers
+        opt = self.optimizers()
         params = [p for group in opt.param_groups for p in group["params"]]
         loss = self.loss(self.model(x), y, ctx.class_counts, ctx.round)
-        self.trainer.backward(loss)
+        self.manual_backward(loss)
         eps = self.perturb(params)
         shift_(params, eps)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         copy_tensors_(self._saved, self._buffers)
         loss_sam = self.loss(self.model(x), y, ctx.class_counts, ctx.round)
-        self.trainer.backward(loss_sam)
+        self.manual_backward(loss_sam)
         copy_tensors_(self._buffers, self._saved)  # the perturbed pass leaves no trace in the BN statistics
         restore_(params, eps)
-        self.trainer.step(opt, self.grad_clip)
+        opt.step()  # unscaled and clipped to grad_clip
+        opt.zero_grad()
         return StepOutput(loss=None, parts={"loss": loss.detach(), "sam": loss_sam.detach()})

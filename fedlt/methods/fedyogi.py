@@ -32,6 +32,7 @@ class FedYogi(FedAdam):
         **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
     """
 
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it
     rule = "yogi"
 
     def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,

@@ -38,6 +38,7 @@ class LGFedAvg(FedAvg):
         venue="arXiv 2020",
         arxiv="2001.01523",
     )
+    lightning_client = True  # the client step is the plain loss: a LightningModule can supply it
     has_global_model = False
 
     def __init__(self, global_layers: tuple[str, ...] = ("head.",), **kwargs) -> None:

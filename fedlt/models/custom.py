@@ -13,8 +13,11 @@ logits. A module that breaks it is refused with a message that says which part f
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,11 +32,26 @@ class ModelSpecError(ValueError):
     """A user model that cannot be imported, built or split into features and head."""
 
 
+class _HeadSlot(nn.Module):
+    """Stands where the user's module had its head; holds no parameters. It applies the wrapping
+    :class:`UserModel`'s ``head``, so that the user's ``forward`` (and a LightningModule's ``training_step``) still
+    returns logits, except while :meth:`UserModel.forward_features` runs, when it passes the features through."""
+
+    def __init__(self, owner: UserModel) -> None:
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # a plain reference, not a submodule (no second copy of the head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        owner = self._owner
+        return x if owner._features_only else owner.head(x)
+
+
 class UserModel(FedModel):
     """A user's module split at its ``head`` submodule.
 
     Args:
-        module: the user's module (its head submodule is replaced by ``nn.Identity`` here).
+        module: the user's module (its head submodule is moved to ``self.head``; in its place a slot that applies
+            ``self.head``, so ``module(x)`` still gives logits).
         head: dotted name of the classifier submodule inside ``module``.
         num_classes: C (the head's output size).
         num_features: d (the head's input size).
@@ -43,7 +61,8 @@ class UserModel(FedModel):
         super().__init__()
         parent, leaf = _parent(module, head)
         classifier = getattr(parent, leaf)
-        setattr(parent, leaf, nn.Identity())
+        self._features_only = False
+        setattr(parent, leaf, _HeadSlot(self))
         self.body = module
         self.head = classifier
         self.head_name = head
@@ -51,7 +70,39 @@ class UserModel(FedModel):
         self.num_features = num_features
 
     def forward_features(self, x: Tensor) -> Tensor:
-        return self.body(x)
+        self._features_only = True
+        try:
+            return self.body(x)
+        finally:
+            self._features_only = False
+
+    @contextlib.contextmanager
+    def whole(self) -> Iterator[nn.Module]:
+        """The user's module as they built it, its head back in place, for the duration (a LightningModule's
+        ``configure_optimizers`` and ``training_step`` then see every parameter, ``self.parameters()`` included)."""
+        parent, leaf = _parent(self.body, self.head_name)
+        slot = parent._modules[leaf]
+        parent._modules[leaf] = self.head
+        try:
+            yield self.body
+        finally:
+            parent._modules[leaf] = slot
+
+    @property
+    def lightning_module(self) -> nn.Module | None:
+        """The user's module when it is a ``LightningModule`` (its ``training_step`` and ``configure_optimizers``
+        then drive local training), else ``None``."""
+        return self.body if is_lightning_module(self.body) else None
+
+
+def is_lightning_module(module: Any) -> bool:
+    """Whether ``module`` is a ``lightning.pytorch`` (or ``pytorch_lightning``) LightningModule; never imports
+    Lightning (a module of that class has imported it already)."""
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        pkg = sys.modules.get(name)
+        if pkg is not None and isinstance(module, pkg.LightningModule):
+            return True
+    return False
 
 
 def import_class(class_path: str) -> type:

@@ -78,7 +78,7 @@ class _Spy(FedAvg):
     """FedAvg recording the rate of each local step: the optimizer's and :attr:`current_lr`."""
 
     def training_step(self, batch, ctx):
-        self.seen.append((ctx.client_id, self._optimizers[0].param_groups[0]["lr"], self.current_lr))
+        self.seen.append((ctx.client_id, self.optimizers().param_groups[0]["lr"], self.current_lr))
         return super().training_step(batch, ctx)
 
 

@@ -30,7 +30,7 @@ def _wired(method: FedSAM, model: nn.Module, num_classes: int) -> ClientContext:
     method.setup(model, SimpleNamespace(num_classes=num_classes), LocalTrainer(None))
     ctx = _ctx(num_classes)
     method.on_client_start(ctx)
-    method._optimizers = method.configure_optimizers()
+    method.trainer.open_fit(method)
     return ctx
 
 
