@@ -37,6 +37,24 @@ def test_quickstart_fits_on_cuda(tmp_path, precision):
     assert 0.2 < gm <= 1.0 and 0.2 < pm <= 1.0, (gm, pm)  # chance is 0.1; six rounds learn the head classes
 
 
+def test_auto_defaults_use_the_gpus_and_record_what_ran(tmp_path):
+    """No --trainer.accelerator: ``auto`` trains on the GPUs; config.yaml records cuda, the device count and the
+    precision ``auto`` chose (bf16-mixed on compute capability 8.0 and newer)."""
+    import yaml
+
+    from fedlt.cli import main
+
+    run = tmp_path / "auto"
+    assert main(["fit", "--config", QUICKSTART, "--run_dir", str(run), "--trainer.rounds", "2", "--trainer.devices",
+                 "1", "--logging.wandb", "false", "--logging.progress_bar", "false"]) in (0, None)
+    trainer = yaml.safe_load((run / "config.yaml").read_text())["trainer"]
+    major = torch.cuda.get_device_capability(0)[0]
+    assert trainer["accelerator"] == "cuda" and trainer["devices"] == 1
+    assert trainer["precision"] == ("bf16-mixed" if major >= 8 else "32-true")
+    env = json.loads((run / "environment.json").read_text())
+    assert env["devices"]["type"] == "cuda" and env["precision"] == trainer["precision"]
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus_train_what_one_does(tmp_path):
     """NCCL with two ranks against one rank: the same clients and cohorts, the same global model up to the GPU's
