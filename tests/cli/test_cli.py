@@ -145,7 +145,8 @@ def test_two_processes_give_the_same_global_weights_and_metrics_as_one(tmp_path,
     assert _untimed(f2) == _untimed(f1)
     # Only rank 0 writes and prints: the same run files as one process, one header and one final table.
     assert _files(two) == _files(one)
-    assert out2.count("world size 2") == 1 and out2.count("GM acc") == 1, out2
+    assert out2.count("| world size 2 | run dir") == 1 and out2.count("GM acc") == 1, out2
+    assert out2.count("fedlt: accelerator cpu | 2 devices per node x 1 node = world size 2") == 1, out2
 
 
 def _untimed(value):

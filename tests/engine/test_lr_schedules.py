@@ -129,20 +129,25 @@ def _lrs(run: Path) -> list[str]:
         return [row["train/lr"] for row in csv.DictReader(f)]
 
 
-def _fit(run: Path, *extra: str) -> None:
-    """A subprocess run, single-threaded (DDP ranks are separate processes; all three runs compute alike)."""
+def _fit(run: Path, *extra: str, failpoint: str | None = None) -> None:
+    """A subprocess run, single-threaded (DDP ranks are separate processes; all runs compute alike);
+    ``failpoint``: killed with SIGKILL there (``fedlt.engine.faults``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if failpoint:
+        env["FEDLT_FAILPOINT"] = failpoint
     p = subprocess.run([sys.executable, "-m", "fedlt", "fit", "--config", TINY, "--trainer.eval_every", "0",
                         "--run_dir", str(run), *SCHEDULED, *extra], env=env, capture_output=True, text=True,
                        timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == (-9 if failpoint else 0), p.stdout + p.stderr
 
 
 @pytest.mark.ddp
-def test_a_scheduled_run_is_the_same_after_a_resume_and_with_two_ranks(tmp_path):
+def test_a_scheduled_run_is_the_same_after_kill_and_resume_and_with_two_ranks(tmp_path):
     straight, resumed, two = tmp_path / "straight", tmp_path / "resumed", tmp_path / "two"
     _fit(straight, "--trainer.rounds", "4")
-    _fit(resumed, "--trainer.rounds", "2")
+    _fit(resumed, "--trainer.rounds", "4", failpoint="client.end:11")  # kill -9 inside round 3 (4 clients a round)
+    assert sorted(p.name for p in (resumed / "checkpoints").glob("round_*.ckpt")) == ["round_00001.ckpt",
+                                                                                     "round_00002.ckpt"]
     _fit(resumed, "--trainer.rounds", "4", "--resume", "auto")
     _fit(two, "--trainer.rounds", "4", "--trainer.devices", "2")
     a = _final(straight)
