@@ -96,7 +96,8 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> one level with dotted keys (``data.partition.init_args.alpha``), lists kept as values.
+    """Nested mappings -> one level with dotted keys (``data.partition.init_args.alpha``), lists kept as values;
+    an empty mapping adds no key.
 
     W&B dashboards filter, group and slice runs by config keys; dotted keys are the ones ``fedlt fit --a.b value``
     and ``fedlt sweep`` grids use, so a sweep's axes appear as config columns as they are written.
@@ -104,7 +105,7 @@ def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any
     out: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, Mapping):  # an empty mapping (no settings, e.g. model.init_args: {}) adds no key
             out.update(flatten_config(value, f"{name}."))
         else:
             out[name] = value

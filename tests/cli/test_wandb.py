@@ -143,7 +143,7 @@ def test_a_failed_run_finishes_its_wandb_run_with_an_error(tmp_path, runs, capsy
 
 def test_flatten_config_and_run_tags():
     nested = {"a": {"b": {"c": 1}, "d": [1, 2], "e": {}}, "f": None}
-    assert flatten_config(nested) == {"a.b.c": 1, "a.d": [1, 2], "a.e": {}, "f": None}
+    assert flatten_config(nested) == {"a.b.c": 1, "a.d": [1, 2], "f": None}  # an empty mapping adds no key
     summary = {"source": "cifar100", "imbalance_factor": 100, "partition": {"name": "hierarchical_pooled", "beta": 0.1}}
     assert run_tags(summary, "fedpurel", 2, ["cifar100", "mine"]) == ["cifar100", "IF100", "beta0.1", "seed2",
                                                                         "fedpurel", "mine"]
