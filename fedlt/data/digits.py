@@ -21,8 +21,8 @@ __all__ = ["DIGITS_VERSION", "build_digits"]
 DIGITS_VERSION = 1
 """Bumped whenever the synthesis changes, so stale cache files are never reused."""
 
-_CHUNK = 2048  # fixed so the random draws, and hence the images, do not depend on anything but the params
-_NUM_CLASSES = 10
+DRAW_CHUNK = 2048  # fixed so the random draws, and hence the images, do not depend on anything but the params
+NUM_CLASSES = 10
 
 
 def _digit_source_split(targets: np.ndarray, holdout_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +41,7 @@ def _digit_source_split(targets: np.ndarray, holdout_per_class: int, seed: int) 
     """
     rng = np.random.default_rng([seed, 7])
     train, test = [], []
-    for c in range(_NUM_CLASSES):
+    for c in range(NUM_CLASSES):
         idx = rng.permutation(np.flatnonzero(targets == c))
         if idx.size <= holdout_per_class or holdout_per_class < 1:
             raise ValueError(
@@ -56,13 +56,13 @@ def _digit_source_split(targets: np.ndarray, holdout_per_class: int, seed: int) 
 def _plan(sources: np.ndarray, targets: np.ndarray, per_class: int) -> np.ndarray:
     # Class-major list of source indices, cycling through each class's sources.
     plan = []
-    for c in range(_NUM_CLASSES):
+    for c in range(NUM_CLASSES):
         own = sources[targets[sources] == c]
         plan.append(own[np.arange(per_class) % own.size])
     return np.concatenate(plan)
 
 
-def _base_images(images: np.ndarray, image_size: int) -> Tensor:
+def base_images(images: np.ndarray, image_size: int) -> Tensor:
     # MNIST keeps a 4-pixel border around a 20x20 digit; mimic it so translations rarely clip strokes.
     inner = max(4, round(image_size * 20 / 28))
     x = torch.from_numpy(images.astype(np.float32) / 16.0)[:, None]
@@ -71,17 +71,17 @@ def _base_images(images: np.ndarray, image_size: int) -> Tensor:
     return F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
 
 
-def _uniform(n: int, g: torch.Generator) -> Tensor:
+def uniform_signed(n: int, g: torch.Generator) -> Tensor:
     return torch.rand(n, generator=g) * 2.0 - 1.0
 
 
 def _affine_grid(n: int, size: int, strength: float, g: torch.Generator) -> Tensor:
     # theta maps output to input coordinates: rotation (+-15 deg), shear (+-0.15), 1/scale (0.85..1.15),
     # translation +-10 % of the image (0.2 in the [-1, 1] coordinates of affine_grid).
-    angle = _uniform(n, g) * math.radians(15.0) * strength
-    scale = 1.0 + _uniform(n, g) * 0.15 * strength
-    shear = _uniform(n, g) * 0.15 * strength
-    shift = torch.stack([_uniform(n, g), _uniform(n, g)], dim=1) * 0.2 * strength
+    angle = uniform_signed(n, g) * math.radians(15.0) * strength
+    scale = 1.0 + uniform_signed(n, g) * 0.15 * strength
+    shear = uniform_signed(n, g) * 0.15 * strength
+    shift = torch.stack([uniform_signed(n, g), uniform_signed(n, g)], dim=1) * 0.2 * strength
     cos, sin = torch.cos(angle), torch.sin(angle)
     a = torch.stack([cos, cos * shear - sin, sin, sin * shear + cos], dim=1).view(n, 2, 2) / scale.view(n, 1, 1)
     theta = torch.cat([a, shift.view(n, 2, 1)], dim=2)
@@ -95,25 +95,24 @@ def _elastic(n: int, size: int, strength: float, g: torch.Generator) -> Tensor:
     return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
 
 
-def _vary(base: Tensor, strength: float, noise: float, g: torch.Generator) -> Tensor:
+def vary_images(base: Tensor, strength: float, noise: float, g: torch.Generator) -> Tensor:
     n, _, size, _ = base.shape
     grid = _affine_grid(n, size, strength, g) + _elastic(n, size, strength, g)
     x = F.grid_sample(base, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # Stroke thickness: blend towards a 3x3 dilation (t > 0) or erosion (t < 0).
-    t = (_uniform(n, g) * 0.6 * strength).view(n, 1, 1, 1)
+    t = (uniform_signed(n, g) * 0.6 * strength).view(n, 1, 1, 1)
     dilated = F.max_pool2d(x, 3, 1, 1)
     eroded = -F.max_pool2d(-x, 3, 1, 1)
     x = torch.where(t > 0, x + t * (dilated - x), x - t * (eroded - x))
-    contrast = (1.0 + _uniform(n, g) * 0.15 * strength).view(n, 1, 1, 1)
+    contrast = (1.0 + uniform_signed(n, g) * 0.15 * strength).view(n, 1, 1, 1)
     x = x * contrast + torch.randn(x.shape, generator=g) * noise
     return (x.clamp_(0.0, 1.0) * 255.0).round_().to(torch.uint8)
 
 
 def _synthesise(base: Tensor, plan: np.ndarray, strength: float, noise: float, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
-    chunks = [
-        _vary(base[torch.from_numpy(plan[i : i + _CHUNK])], strength, noise, g) for i in range(0, plan.size, _CHUNK)
-    ]
+    chunks = [vary_images(base[torch.from_numpy(plan[i : i + DRAW_CHUNK])], strength, noise, g)
+              for i in range(0, plan.size, DRAW_CHUNK)]
     return torch.cat(chunks) if chunks else torch.zeros(0, *base.shape[1:], dtype=torch.uint8)
 
 
@@ -137,7 +136,7 @@ def build_digits(
     digits = load_digits()
     images, targets = np.asarray(digits.images), np.asarray(digits.target, dtype=np.int64)
     train_src, test_src = _digit_source_split(targets, holdout_per_class, seed)
-    base = _base_images(images, image_size)
+    base = base_images(images, image_size)
     seeds = np.random.SeedSequence([seed, DIGITS_VERSION]).generate_state(2, dtype=np.uint64)
     train_plan = _plan(train_src, targets, train_per_class)
     test_plan = _plan(test_src, targets, test_per_class)

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedlt.data.digits import _CHUNK, _NUM_CLASSES, _base_images, _uniform, _vary
+from fedlt.data.digits import DRAW_CHUNK, NUM_CLASSES, base_images, uniform_signed, vary_images
 from fedlt.data.domains import SPLIT_TRAIN, SPLIT_VAL, DomainData, DomainSource
-from fedlt.data.sources import SOURCES, _load_or_build, channel_stats, default_cache_dir
+from fedlt.data.sources import SOURCES, channel_stats, default_cache_dir, load_or_build
 from fedlt.data.transforms import TensorAugment
 
 __all__ = [
@@ -85,7 +85,7 @@ def digits_dg_pools(targets: np.ndarray, seed: int, num_domains: int = len(DIGIT
     targets = np.asarray(targets)
     rng = np.random.default_rng([seed, 17])
     pools: list[list[np.ndarray]] = [[] for _ in range(num_domains)]
-    for c in range(_NUM_CLASSES):
+    for c in range(NUM_CLASSES):
         idx = rng.permutation(np.flatnonzero(targets == c))
         if idx.size < num_domains:
             raise ValueError(f"digit class {c} has {idx.size} source images, fewer than the {num_domains} domains")
@@ -119,14 +119,14 @@ def digits_dg_class_counts(
         int64 array (num_domains, C).
     """
     _check_args(8, per_class, val_per_class, imbalance_factor, imbalance_order)
-    ranks = np.empty((num_domains, _NUM_CLASSES), dtype=np.int64)
+    ranks = np.empty((num_domains, NUM_CLASSES), dtype=np.int64)
     for d in range(num_domains):
         if imbalance_order == "shared":
-            ranks[d] = np.arange(_NUM_CLASSES)
+            ranks[d] = np.arange(NUM_CLASSES)
         else:
-            order = np.random.default_rng([seed, 19, d]).permutation(_NUM_CLASSES)  # order[0] is the head
-            ranks[d, order] = np.arange(_NUM_CLASSES)
-    counts = np.floor(per_class * imbalance_factor ** (-ranks / (_NUM_CLASSES - 1)) + 1e-9).astype(np.int64)
+            order = np.random.default_rng([seed, 19, d]).permutation(NUM_CLASSES)  # order[0] is the head
+            ranks[d, order] = np.arange(NUM_CLASSES)
+    counts = np.floor(per_class * imbalance_factor ** (-ranks / (NUM_CLASSES - 1)) + 1e-9).astype(np.int64)
     return np.maximum(counts, val_per_class + 1)
 
 
@@ -139,12 +139,12 @@ def _domain_plan(pool: np.ndarray, targets: np.ndarray, counts: np.ndarray) -> n
 
 def _mask(base: Tensor, strength: float, g: torch.Generator) -> Tensor:
     # A varied glyph as a float stroke mask in [0, 1] (N, 1, S, S).
-    return _vary(base, strength, 0.0, g).float() / 255.0
+    return vary_images(base, strength, 0.0, g).float() / 255.0
 
 
 def _rotate(x: Tensor, max_degrees: float, g: torch.Generator) -> Tensor:
     n = x.shape[0]
-    angle = _uniform(n, g) * math.radians(max_degrees)
+    angle = uniform_signed(n, g) * math.radians(max_degrees)
     cos, sin = torch.cos(angle), torch.sin(angle)
     zero = torch.zeros(n)
     theta = torch.stack([cos, -sin, zero, sin, cos, zero], dim=1).view(n, 2, 3)
@@ -175,7 +175,7 @@ def _to_uint8(x: Tensor) -> Tensor:
 
 def _render_plain(base: Tensor, g: torch.Generator) -> Tensor:
     # MNIST-like: exactly the grey glyphs of the digits dataset, replicated to three channels.
-    return _vary(base, 1.0, 0.05, g).expand(-1, 3, -1, -1).contiguous()
+    return vary_images(base, 1.0, 0.05, g).expand(-1, 3, -1, -1).contiguous()
 
 
 def _render_textured(base: Tensor, g: torch.Generator) -> Tensor:
@@ -205,7 +205,8 @@ def _render_textured(base: Tensor, g: torch.Generator) -> Tensor:
 def _render_inverted(base: Tensor, g: torch.Generator) -> Tensor:
     n, _, size, _ = base.shape
     m = _mask(base, 1.0, g)
-    light = (0.7 + 0.25 * torch.rand(n, 1, 1, 1, generator=g)) * (1.0 + 0.08 * _uniform(3 * n, g).view(n, 3, 1, 1))
+    level = 0.7 + 0.25 * torch.rand(n, 1, 1, 1, generator=g)  # drawn before the tint: the images' draw order
+    light = level * (1.0 + 0.08 * uniform_signed(3 * n, g).view(n, 3, 1, 1))
     dark = 0.05 + 0.25 * torch.rand(n, 1, 1, 1, generator=g)
     # Uneven lighting: a linear brightness ramp across the image in a random direction.
     u, v = _coords(n, size)
@@ -260,7 +261,7 @@ def build_digits_dg(
 
     digits = load_digits()
     images, targets = np.asarray(digits.images), np.asarray(digits.target, dtype=np.int64)
-    base = _base_images(images, image_size)
+    base = base_images(images, image_size)
     pools = digits_dg_pools(targets, seed)
     counts = digits_dg_class_counts(per_class, val_per_class, imbalance_factor, imbalance_order, seed)
     seeds = np.random.SeedSequence([seed, DIGITS_DG_VERSION]).generate_state(len(DIGITS_DG_DOMAINS), dtype=np.uint64)
@@ -268,7 +269,7 @@ def build_digits_dg(
     for d, render in enumerate(_RENDERERS):
         plan = _domain_plan(pools[d], targets, counts[d])
         g = torch.Generator().manual_seed(int(seeds[d] >> np.uint64(1)))
-        xs += [render(base[torch.from_numpy(plan[i : i + _CHUNK])], g) for i in range(0, plan.size, _CHUNK)]
+        xs += [render(base[torch.from_numpy(plan[i : i + DRAW_CHUNK])], g) for i in range(0, plan.size, DRAW_CHUNK)]
         ys.append(targets[plan])
         domains.append(np.full(plan.size, d, dtype=np.int64))
         # Within each class block, the last val_per_class images are validation.
@@ -336,7 +337,7 @@ class EmbeddedDigitsDG(DomainSource):
 
     def load(self) -> DomainData:
         """Reads the cache, or builds every domain (a few seconds) and caches it."""
-        tensors, seconds = _load_or_build(
+        tensors, seconds = load_or_build(
             self.cache_path,
             lambda: build_digits_dg(
                 self.image_size,
@@ -356,8 +357,8 @@ class EmbeddedDigitsDG(DomainSource):
             y=tensors["y"],
             domain=tensors["domain"],
             split=tensors["split"],
-            num_classes=_NUM_CLASSES,
-            class_names=[str(c) for c in range(_NUM_CLASSES)],
+            num_classes=NUM_CLASSES,
+            class_names=[str(c) for c in range(NUM_CLASSES)],
             mean=mean,
             std=std,
             files=[],

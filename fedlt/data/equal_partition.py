@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from fedlt.data.partition import PARTITIONERS, Partitioner, PartitionError, _dirichlet_try, _finish, _validate
+from fedlt.data.partition import PARTITIONERS, Partitioner, PartitionError, dirichlet_try, sorted_parts, validate_labels
 
 __all__ = ["DirichletPrior", "GroupedDirichlet", "dirichlet_prior_partition", "grouped_dirichlet_partition"]
 
@@ -42,7 +42,7 @@ def grouped_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: flo
     Raises:
         PartitionError: invalid arguments, or a group never met the minimum size.
     """
-    labels = _validate(labels, num_clients, alpha)
+    labels = validate_labels(labels, num_clients, alpha)
     if group_size < 1:
         raise PartitionError(f"group_size must be >= 1, got {group_size}")
     rng = np.random.default_rng(seed)
@@ -55,7 +55,7 @@ def grouped_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: flo
         chunk = order[g * per_group :] if g == groups - 1 else order[g * per_group : (g + 1) * per_group]
         need = int(min_fraction * chunk.shape[0] / k)
         for _ in range(max_tries):
-            owner, sizes, _, seq = _dirichlet_try(labels[chunk], k, alpha, rng)
+            owner, sizes, _, seq = dirichlet_try(labels[chunk], k, alpha, rng)
             if int(sizes.min()) >= need:
                 break
         else:
@@ -66,7 +66,7 @@ def grouped_dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: flo
     flat = np.concatenate(concatenated).astype(np.int64, copy=False)
     base, extra = divmod(flat.shape[0], num_clients)
     cuts = np.cumsum(base + (np.arange(num_clients) < extra))[:-1]
-    return _finish(np.split(flat, cuts))
+    return sorted_parts(np.split(flat, cuts))
 
 
 def _take_from_pools(pools: list[list[int]], want: np.ndarray, budget: int) -> list[int]:
@@ -106,7 +106,7 @@ def dirichlet_prior_partition(labels: np.ndarray, num_clients: int, alpha: float
         alpha: concentration alpha (> 0) multiplying the global prior.
         seed: seed of the split.
     """
-    labels = _validate(labels, num_clients, alpha)
+    labels = validate_labels(labels, num_clients, alpha)
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     pools = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in classes]
@@ -119,7 +119,7 @@ def dirichlet_prior_partition(labels: np.ndarray, num_clients: int, alpha: float
         q = q / q.sum() if q.sum() > 0 else prior
         parts.append(_take_from_pools(pools, np.round(q * budget).astype(np.int64), budget))
     parts.append([i for p in pools for i in p])
-    return _finish(parts)
+    return sorted_parts(parts)
 
 
 

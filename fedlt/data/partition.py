@@ -63,7 +63,7 @@ class PartitionResult:
     unassigned: int = 0
 
 
-def _validate(labels: np.ndarray, num_clients: int, alpha: float | None = None) -> np.ndarray:
+def validate_labels(labels: np.ndarray, num_clients: int, alpha: float | None = None) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise PartitionError(f"labels must be a 1-D array, got shape {labels.shape}")
@@ -79,7 +79,7 @@ def _validate(labels: np.ndarray, num_clients: int, alpha: float | None = None) 
     return labels.astype(np.int64, copy=False)
 
 
-def _finish(parts: list[np.ndarray] | list[list[int]]) -> list[np.ndarray]:
+def sorted_parts(parts: list[np.ndarray] | list[list[int]]) -> list[np.ndarray]:
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
@@ -101,7 +101,7 @@ def group_by_owner(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
     return np.split(order, np.cumsum(counts)[:-1])
 
 
-def _dirichlet_try(
+def dirichlet_try(
     labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, cap: bool = True,
     classes: list[tuple[int, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -184,7 +184,7 @@ def dirichlet_split(
     Returns:
         The per-client indices and ``proportions`` (C, K).
     """
-    labels = _validate(labels, num_clients, alpha)
+    labels = validate_labels(labels, num_clients, alpha)
     n = labels.shape[0]
     hint = "lower num_clients or min_size, or raise alpha"
     if num_clients * min_size > n:
@@ -205,7 +205,7 @@ def dirichlet_split(
     best, below, tries = -1, num_clients, 0
     while tries < max(1, max_tries):
         tries += 1
-        owner, sizes, proportions, _ = _dirichlet_try(labels, num_clients, alpha, rng, classes=classes)
+        owner, sizes, proportions, _ = dirichlet_try(labels, num_clients, alpha, rng, classes=classes)
         smallest = int(sizes.min())
         if smallest >= min_size:
             return PartitionResult(group_by_owner(owner, num_clients), proportions=proportions)
@@ -235,7 +235,7 @@ def dirichlet_per_sample_partition(labels: np.ndarray, num_clients: int, alpha: 
     Returns:
         Per-client sorted int64 index arrays.
     """
-    labels = _validate(labels, num_clients, alpha)
+    labels = validate_labels(labels, num_clients, alpha)
     rng = np.random.default_rng(seed)
     owner = np.empty(labels.shape[0], dtype=np.int64)
     for _, idx_c in class_indices(labels):
@@ -255,9 +255,9 @@ def iid_partition(labels: np.ndarray, num_clients: int, seed: int) -> list[np.nd
     Returns:
         Per-client sorted int64 index arrays (sizes differ by at most one).
     """
-    labels = _validate(labels, num_clients)
+    labels = validate_labels(labels, num_clients)
     perm = np.random.default_rng(seed).permutation(labels.shape[0])
-    return _finish(np.array_split(perm, num_clients))
+    return sorted_parts(np.array_split(perm, num_clients))
 
 
 def shards_partition(labels: np.ndarray, num_clients: int, seed: int, shards_per_client: int = 2) -> list[np.ndarray]:
@@ -278,7 +278,7 @@ def shards_partition(labels: np.ndarray, num_clients: int, seed: int, shards_per
     Raises:
         PartitionError: fewer samples than shards.
     """
-    labels = _validate(labels, num_clients)
+    labels = validate_labels(labels, num_clients)
     num_shards = num_clients * shards_per_client
     if shards_per_client < 1 or num_shards > labels.shape[0]:
         raise PartitionError(
@@ -291,7 +291,7 @@ def shards_partition(labels: np.ndarray, num_clients: int, seed: int, shards_per
     order = perm[np.argsort(labels[perm], kind="stable")]
     shards = np.array_split(order, num_shards)
     shard_ids = rng.permutation(num_shards).reshape(num_clients, shards_per_client)
-    return _finish([np.concatenate([shards[s] for s in row]) for row in shard_ids])
+    return sorted_parts([np.concatenate([shards[s] for s in row]) for row in shard_ids])
 
 
 PARTITIONERS: Registry[type[Partitioner]] = Registry("partitioner")

@@ -17,9 +17,9 @@ from fedlt.data.partition import (
     Partitioner,
     PartitionError,
     PartitionResult,
-    _dirichlet_try,
-    _validate,
+    dirichlet_try,
     group_by_owner,
+    validate_labels,
 )
 
 __all__ = [
@@ -57,8 +57,8 @@ def dirichlet_no_cap_split(labels: np.ndarray, num_clients: int, alpha: float, s
     Returns:
         The per-client indices and ``proportions`` (C, K).
     """
-    labels = _validate(labels, num_clients, alpha)
-    owner, _, proportions, _ = _dirichlet_try(labels, num_clients, alpha, np.random.default_rng(seed), cap=False)
+    labels = validate_labels(labels, num_clients, alpha)
+    owner, _, proportions, _ = dirichlet_try(labels, num_clients, alpha, np.random.default_rng(seed), cap=False)
     return PartitionResult(group_by_owner(owner, num_clients), proportions=proportions)
 
 
@@ -143,7 +143,7 @@ def hierarchical_pooled_partition(
     """
     train_labels = np.asarray(train_labels).astype(np.int64, copy=False)
     test_labels = np.asarray(test_labels).astype(np.int64, copy=False)
-    pool = _validate(np.concatenate([train_labels, test_labels]), num_clients, beta)
+    pool = validate_labels(np.concatenate([train_labels, test_labels]), num_clients, beta)
     if not fine_concentration > 0:
         raise PartitionError(f"fine_concentration must be > 0, got {fine_concentration}")
     superclasses = np.asarray(superclasses, dtype=np.int64)

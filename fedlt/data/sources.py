@@ -144,7 +144,7 @@ def write_cache(path: Path, tensors: dict[str, Tensor]) -> None:
     os.replace(tmp, path)  # atomic: concurrent readers see the old file or the complete new one
 
 
-def _load_or_build(path: Path, build: Callable[[], dict[str, Tensor]]) -> tuple[dict[str, Any], float | None]:
+def load_or_build(path: Path, build: Callable[[], dict[str, Tensor]]) -> tuple[dict[str, Any], float | None]:
     """Reads the cached tensors at ``path``, or calls ``build`` and caches its result.
 
     Args:
@@ -222,7 +222,7 @@ class EmbeddedDigits(DataSource):
 
     def load(self) -> SourceData:
         """Reads the cache, or builds the dataset (a few seconds) and caches it."""
-        tensors, seconds = _load_or_build(
+        tensors, seconds = load_or_build(
             self.cache_path,
             lambda: build_digits(
                 self.image_size, self.train_per_class, self.test_per_class, self.holdout_per_class, self.seed

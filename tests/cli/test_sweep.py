@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from fedlt.cli import main
-from fedlt.slurm import array_indices, requeue_if_allowed
-from fedlt.sweep import run_names
+from fedlt.cli.slurm import array_indices, requeue_if_allowed
+from fedlt.cli.sweep import run_names
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
@@ -245,7 +245,7 @@ def test_sbatch_templates_run_the_task_and_requeue_on_status_3(slurm_log):
     done = _script("array.sbatch", "/sweeps/s", SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID="4", FEDLT_PYTHON="echo")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "-m fedlt sweep --sweep_dir /sweeps/s --run-index 4"
-    # fit.sbatch: one srun task per GPU on every node; status 3 (preempted) -> python -m fedlt.slurm requeue.
+    # fit.sbatch: one srun task per GPU on every node; status 3 (preempted) -> python -m fedlt.cli.slurm requeue.
     env = {"SLURM_JOB_ID": "55", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "FEDLT_PYTHON": sys.executable}
     done = _script("fit.sbatch", "configs/quickstart.yaml", "--name", "big", FAKE_SRUN_STATUS="3", **env)
     assert done.returncode == 3 and "requeued SLURM job 55" in done.stderr, done.stderr
@@ -261,7 +261,7 @@ def test_sbatch_templates_run_the_task_and_requeue_on_status_3(slurm_log):
 def test_a_run_held_by_another_task_is_skipped_and_repeated_grid_values_are_refused(tmp_path, capsys):
     """A resubmitted array task must not train into a run directory another task holds (its lease), and a grid that
     repeats a value would give two runs one directory."""
-    from fedlt.slurm import run_lease
+    from fedlt.cli.slurm import run_lease
 
     s = tmp_path / "s"
     assert _sweep(tmp_path, s, "seed: [0]\n") == 0

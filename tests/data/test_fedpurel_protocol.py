@@ -20,8 +20,8 @@ from fedlt.data.partition import (
     Dirichlet,
     DirichletPerSample,
     PartitionError,
-    _dirichlet_try,
     dirichlet_split,
+    dirichlet_try,
 )
 from fedlt.data.pooled_partition import (
     DirichletNoCap,
@@ -99,7 +99,7 @@ def test_dirichlet_records_proportions_of_the_successful_try() -> None:
     labels = _lt_labels()
     # A seed whose first draw misses min_size, so the recorded proportions must come from a later try.
     seed = next(s for s in range(50)
-                if _dirichlet_try(labels, 10, 0.2, np.random.default_rng(s))[1].min() < 40)
+                if dirichlet_try(labels, 10, 0.2, np.random.default_rng(s))[1].min() < 40)
     result = Dirichlet(0.2, min_size=40).split(labels, 10, seed)
     assert min(p.size for p in result.indices) >= 40
     assert result.proportions.shape == (10, 10)

@@ -78,15 +78,15 @@ def test_two_gpus_train_what_one_does(tmp_path):
 def test_idle_clients_hold_no_gpu_memory(tmp_path):
     """A personalized method's client states live on the host (``client_state: cpu``): storing a head for each of
     2,000 clients, and a round that loads and stores some of them, leave the GPU memory where it was."""
-    from fedlt.cli import _build, _experiment
+    from fedlt.cli import build, make_experiment
 
     k = 2000
     argv = ["--config", QUICKSTART, "--run_dir", str(tmp_path / "run"), "--trainer.accelerator", "cuda",
             "--method", "FedPer", "--trainer.client_state", "cpu", "--data.num_clients", str(k),
             "--data.source.init_args.train_per_class", str(k), "--data.imbalance_factor", "1",
             "--data.partition", "IID", "--logging.wandb", "false"]
-    parser, cfg, init = _build("fit", argv)
-    sim = _experiment(parser, cfg, init).build_simulator()
+    parser, cfg, init = build("fit", argv)
+    sim = make_experiment(parser, cfg, init).build_simulator()
     sim.run_round(1)  # the workspace, optimizer and reducer buffers exist now
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()

@@ -20,7 +20,7 @@ TINY = str(ROOT / "tests" / "configs" / "tiny.yaml")
 def main(out: Path, world: int, cohort: int, names: list[str]) -> None:
     from test_contract import method_args
 
-    from fedlt.cli import _build, _experiment
+    from fedlt.cli import build, make_experiment
 
     torch.set_num_threads(1)
     fabric = Fabric(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto")
@@ -28,7 +28,7 @@ def main(out: Path, world: int, cohort: int, names: list[str]) -> None:
     for name in names:
         args = ["--config", TINY, *method_args(name), "--trainer.clients_per_round", str(cohort),
                 "--method.init_args.batch_size", "16", "--run_dir", str(out / f"{name}-w{world}")]
-        exp = _experiment(*_build("fit", args))
+        exp = make_experiment(*build("fit", args))
         exp.fabric = fabric
         sim = exp.build_simulator()
         train = [sim.run_round(r).metrics for r in (1, 2)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlt.cli import _build, _experiment
+from fedlt.cli import build, make_experiment
 from fedlt.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,9 +34,9 @@ def method_args(name: str) -> list[str]:
 
 
 def _experiment_for(name: str, tmp_path: Path, *extra: str):
-    parser, cfg, init = _build("fit", ["--config", TINY, *method_args(name), "--run_dir", str(tmp_path),
+    parser, cfg, init = build("fit", ["--config", TINY, *method_args(name), "--run_dir", str(tmp_path),
                                        "--method.init_args.batch_size", "16", *extra])
-    return _experiment(parser, cfg, init)
+    return make_experiment(parser, cfg, init)
 
 
 def _sim(name: str, tmp_path: Path, *extra: str):

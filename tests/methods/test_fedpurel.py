@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import brentq
 
-from fedlt.cli import _build, _experiment
+from fedlt.cli import build, make_experiment
 from fedlt.engine.sharding import sample_cohort
 from fedlt.methods._tkl import aligned_temperatures, plain_kl, soft_cross_entropy, softmax_entropy, tkl
 from fedlt.methods.fedpurel import FedPuReL, purify
@@ -30,8 +30,8 @@ PEFTS = ("prompt", "lora", "adapter", "attention_adapter")
 
 def _sim(tmp_path: Path, *extra: str, peft: str = "prompt", model_kwargs: str = ""):
     kwargs = f"{{peft: {peft}{', ' + model_kwargs if model_kwargs else ''}}}"
-    parser, cfg, init = _build("fit", [*ARGS, "--model.kwargs", kwargs, "--run_dir", str(tmp_path), *extra])
-    return _experiment(parser, cfg, init).build_simulator()
+    parser, cfg, init = build("fit", [*ARGS, "--model.kwargs", kwargs, "--run_dir", str(tmp_path), *extra])
+    return make_experiment(parser, cfg, init).build_simulator()
 
 
 def _personal(sim) -> dict[int, dict[str, torch.Tensor]]:

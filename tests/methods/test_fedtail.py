@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import fedlt.methods.fedtail as fedtail_module
-from fedlt.cli import _build, _experiment
+from fedlt.cli import build, make_experiment
 from fedlt.data import EmbeddedDigitsDG, FederatedDataset
 from fedlt.data.domains import SPLIT_TRAIN
 from fedlt.engine.simulator import Simulator
@@ -443,12 +443,12 @@ logging: {{wandb: false, progress_bar: false}}
 
 
 def _config_sim(tmp_path: Path, method: str, layout: str, *extra: str, target: str = "thick") -> Simulator:
-    parser, cfg, init = _build("fit", ["--config", _dg_yaml(tmp_path, layout, target), "--config",
+    parser, cfg, init = build("fit", ["--config", _dg_yaml(tmp_path, layout, target), "--config",
                                        str(ROOT / "configs" / "method" / f"{method}.yaml"),
                                        "--run_dir", str(tmp_path / "run"), *extra])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _experiment(parser, cfg, init).build_simulator()
+        return make_experiment(parser, cfg, init).build_simulator()
 
 
 def test_target_domain_metrics_cover_every_target_image(tmp_path):

@@ -13,7 +13,7 @@ when two runs would share a name) do not depend on the order of the grid file. E
 resolved and validated up front and frozen in ``<sweep_dir>/configs/<run>.yaml``; ``sweep.json`` lists the runs
 (index, name, grid values, run dir, the ``fedlt fit`` argv). Run ``i`` is
 ``fedlt sweep --sweep_dir DIR --run-index i``: it skips a finished run, resumes an interrupted one from its
-latest checkpoint, and on preemption (exit 3) requeues its SLURM array task (:mod:`fedlt.slurm`).
+latest checkpoint, and on preemption (exit 3) requeues its SLURM array task (:mod:`fedlt.cli.slurm`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -32,7 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlt.slurm import (
+from fedlt.cli.commands import guarded
+from fedlt.cli.errors import EXIT_PREEMPTED, usage_error, usage_message, user_errors
+from fedlt.cli.parser import build_parser, method_aliases
+from fedlt.cli.slurm import (
     ARRAY_SCRIPT,
     array_indices,
     requeue_if_allowed,
@@ -165,12 +167,7 @@ def _fit_argv(base: Sequence[str], overrides: Sequence[str], params: dict[str, A
 
 def _clean(message: str) -> str:
     """The CLI's short form of a jsonargparse error."""
-    from fedlt.cli import _usage_error
-
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        _usage_error(message)
-    return buf.getvalue().strip().removeprefix("fedlt: error: ")
+    return usage_message(message)
 
 
 def _explain(err: Exception, params: dict[str, Any], run: str, overrides: Sequence[str]) -> str:
@@ -190,13 +187,11 @@ def _explain(err: Exception, params: dict[str, Any], run: str, overrides: Sequen
 def _resolve(parser: Any, argv: list[str], params: dict[str, Any], run: str,
              overrides: Sequence[str]) -> tuple[str, int]:
     """Parses a run's argv, freezes the resolved config and checks that it parses and instantiates again."""
-    from fedlt.cli import _method_aliases, _user_errors
-
     try:
-        text = parser.dump(parser.parse_args(_method_aliases(argv)), skip_none=False)
+        text = parser.dump(parser.parse_args(method_aliases(argv)), skip_none=False)
         cfg = parser.parse_string(text)
         parser.instantiate_classes(cfg)
-    except _user_errors() as err:
+    except user_errors() as err:
         raise ValueError(_explain(err, params, run, overrides)) from err
     return text, int(cfg.trainer.rounds)
 
@@ -204,13 +199,11 @@ def _resolve(parser: Any, argv: list[str], params: dict[str, Any], run: str,
 def build(configs: Sequence[str], grid_path: str, sweep_dir: str, name: str,
           overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """Expands and validates a sweep; returns its spec (``sweep.json``) and the frozen config of each run."""
-    from fedlt.cli import _parser
-
     grid = load_grid(grid_path)
     keys, combos = expand(grid)
     names = run_names(keys, combos)
     base = [_existing(c) for c in configs]
-    parser = _parser("fit")
+    parser = build_parser("fit")
     runs, texts = [], {}
     for index, (params, run) in enumerate(zip(combos, names)):
         run_dir = str(Path(sweep_dir) / "runs" / run)
@@ -342,8 +335,6 @@ def _task_index(value: int | None) -> int:
 def run_index(sweep_dir: str | Path, index: int) -> int:
     """Runs element ``index`` of the sweep: skips it when finished, resumes it when interrupted; on preemption
     (exit 3) requeues the SLURM job when allowed."""
-    from fedlt.cli import EXIT_PREEMPTED, main
-
     d = Path(sweep_dir)
     runs = load_spec(d)["runs"]
     if not 0 <= index < len(runs):
@@ -359,8 +350,8 @@ def run_index(sweep_dir: str | Path, index: int) -> int:
             print(f"fedlt sweep: run {index} ({run['name']}) is being trained by another task; skipping", flush=True)
             return 0
         print(f"fedlt sweep: run {index} of {len(runs)}: {run['name']} ({status})", flush=True)
-        code = main(["fit", "--config", str(d / run["config"]), "--run_dir", str(d / "runs" / run["name"]),
-                     "--resume", "auto"])
+        code = guarded("fit", ["--config", str(d / run["config"]), "--run_dir", str(d / "runs" / run["name"]),
+                               "--resume", "auto"])
     if code == EXIT_PREEMPTED and _rank_zero():
         requeue_if_allowed()
     return code
@@ -426,14 +417,12 @@ def _sweep(argv: Sequence[str]) -> int:
 
 def cmd_sweep(argv: Sequence[str]) -> int:
     """``fedlt sweep``: returns the exit status (2 with a message for bad input)."""
-    from fedlt.cli import _usage_error, _user_errors
-
     if argv and argv[0] in ("-h", "--help"):
         _arg_parser().print_help()
         return 0
     try:
         return _sweep(argv)
-    except _user_errors() as err:
-        return _usage_error(str(err))
+    except user_errors() as err:
+        return usage_error(str(err))
     except SystemExit as done:  # argparse's --help
         return int(done.code or 0)

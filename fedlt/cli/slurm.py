@@ -2,7 +2,7 @@
 
 One requeue implementation serves both templates: ``fedlt sweep --run-index`` (``slurm/array.sbatch``) calls
 :func:`requeue_if_allowed` itself when its run is preempted, and ``slurm/fit.sbatch`` runs
-``python -m fedlt.slurm requeue`` when ``srun fedlt fit`` exits with status 3.
+``python -m fedlt.cli.slurm requeue`` when ``srun fedlt fit`` exits with status 3.
 
 Whether a job may be requeued:
 
@@ -169,7 +169,7 @@ def submit(command: Sequence[str]) -> str:
 
 def _main(argv: Sequence[str]) -> int:
     if list(argv) != ["requeue"]:
-        print("usage: python -m fedlt.slurm requeue   (requeue this SLURM job if allowed)", file=sys.stderr)
+        print("usage: python -m fedlt.cli.slurm requeue   (requeue this SLURM job if allowed)", file=sys.stderr)
         return 2
     requeue_if_allowed()
     return 0

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fedlt.report import GROUPS, Cell, reduce_series
+from fedlt.cli.report_runs import GROUPS, Cell, reduce_series
 
 _GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}  # as fedlt.data.plot
 
