@@ -36,16 +36,13 @@ from fedlt.engine.rundir import (
     format_changes,
     remove_stale_temporaries,
 )
+from fedlt.errors import ConfigError, UserError
 from fedlt.methods.base import FedMethod
 from fedlt.models import build_model
 from fedlt.provenance import append_resume, environment_record, write_environment
 
 if TYPE_CHECKING:
     from fedlt.engine.simulator import Simulator
-
-
-class UserError(Exception):
-    """A problem with the user's input or environment; the CLI prints it and exits with status 2."""
 
 
 class Experiment:
@@ -113,25 +110,31 @@ class Experiment:
         return self.fabric
 
     def build_simulator(self) -> Simulator:
-        """Sets the data up on the device, builds the model from the seed and wires the simulator."""
-        from fedlt.engine.simulator import Simulator  # the evaluator's torchmetrics: not on the CLI's help paths
+        """Sets the data up on the device, builds the model from the seed and wires the simulator.
 
-        device = self.comm.device
-        self.data.setup(device)
-        torch.manual_seed(self.seed)
-        model = self._build_model()
-        t = self.trainer_cfg
-        sim = Simulator(self.fabric, self.data, model, self.method, rounds=t.rounds,
-                        clients_per_round=t.clients_per_round, eval_every=t.eval_every, seed=self.seed,
-                        client_state=t.client_state, run_dir=self.run_dir, eval_batch_size=t.eval_batch_size,
-                        precision=t.precision, exact_reduction=t.exact_reduction,
-                        vectorize_cohort=t.vectorize_cohort)
+        Building is where settings meet: a ``ValueError`` raised while the data, the model or the method is set up
+        is a setting or combination of settings that cannot work, and becomes a :class:`ConfigError` (exit
+        status 2); a ``ValueError`` later, in training, is a bug and keeps its traceback."""
+        from fedlt.engine.simulator import Simulator  # the evaluator's torchmetrics: not on the CLI's help paths
         from fedlt.engine.vectorized import VectorizationError
 
         try:
+            self.data.setup(self.comm.device)
+            torch.manual_seed(self.seed)
+            model = self._build_model()
+            t = self.trainer_cfg
+            sim = Simulator(self.fabric, self.data, model, self.method, rounds=t.rounds,
+                            clients_per_round=t.clients_per_round, eval_every=t.eval_every, seed=self.seed,
+                            client_state=t.client_state, run_dir=self.run_dir, eval_batch_size=t.eval_batch_size,
+                            precision=t.precision, exact_reduction=t.exact_reduction,
+                            vectorize_cohort=t.vectorize_cohort)
             return sim.setup()
         except VectorizationError as err:  # an unsupported method or model for trainer.vectorize_cohort
             raise UserError(str(err)) from None
+        except ConfigError:
+            raise
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
     def _build_model(self) -> Any:
         """The configured backbone: a registered short form or the user's ``class_path`` module."""
@@ -493,7 +496,12 @@ class Experiment:
         """Builds the federated split on the CPU, prints its summary, optionally saves JSON and a PNG."""
         from fedlt.data.plot import plot_partition
 
-        self.data.setup("cpu")
+        try:
+            self.data.setup("cpu")
+        except ConfigError:
+            raise
+        except ValueError as err:  # settings of the data that cannot work (as in build_simulator)
+            raise ConfigError(str(err)) from err
         summary = self.data.summary()
         sizes = summary["client_sizes"]
         print(json.dumps({k: v for k, v in summary.items() if k not in ("client_class_counts",)}, indent=1))

@@ -68,16 +68,23 @@ def usage_error(message: str) -> int:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that are the input's or the environment's fault (message and exit status 2). A bare
+    ``ValueError`` is not among them: the parser turns a constructor's into a :class:`~fedlt.errors.ConfigError`
+    and :meth:`~fedlt.experiment.Experiment.build_simulator` one raised while a run is built; later it is a bug."""
     from jsonargparse import ArgumentError
 
     from fedlt.data import DatasetNotFoundError, PartitionError
     from fedlt.engine.local_loop import NonFiniteLossError
-    from fedlt.experiment import UserError
+    from fedlt.errors import UserError
     from fedlt.models import PretrainedWeightsUnavailable
     from fedlt.registry import UnknownNameError
 
     return (ArgumentError, UserError, DatasetNotFoundError, PartitionError, UnknownNameError,
-            PretrainedWeightsUnavailable, NonFiniteLossError, ValueError, FileNotFoundError)
+            PretrainedWeightsUnavailable, NonFiniteLossError, FileNotFoundError)
+
+
+INTERNAL_ERROR_NOTE = ("fedlt: internal error: the traceback above is a bug in fedlt, not a problem with your input; "
+                       "please report it with the traceback and the command (exit status 1)")
 
 
 ENVIRONMENT_ERRNOS = {28, 122, 30, 13, 1}  # ENOSPC, EDQUOT, EROFS, EACCES, EPERM

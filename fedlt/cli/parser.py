@@ -77,7 +77,7 @@ def check_config_files(argv: Sequence[str]) -> None:
     """An empty config file, or one that is not valid YAML, is named with the line and column of the problem."""
     import yaml
 
-    from fedlt.experiment import UserError
+    from fedlt.errors import UserError
 
     for name in config_files(argv):
         path = os.path.expanduser(name)
@@ -105,11 +105,19 @@ def check_config_files(argv: Sequence[str]) -> None:
 
 
 def build(command: str, argv: Sequence[str]) -> tuple[Any, Any, Any]:
-    """Parses and instantiates; returns (parser, namespace, instantiated namespace)."""
+    """Parses and instantiates; returns (parser, namespace, instantiated namespace). A constructor that rejects a
+    value (``ValueError``) is a :class:`~fedlt.errors.ConfigError`."""
+    from fedlt.errors import ConfigError
+
     check_config_files(argv)
     parser = build_parser(command)
-    cfg = parser.parse_args(method_aliases(list(argv)))
-    init = parser.instantiate_classes(cfg)
+    try:
+        cfg = parser.parse_args(method_aliases(list(argv)))
+        init = parser.instantiate_classes(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     return parser, cfg, init
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlt.errors import ConfigError
 from fedlt.provenance import build_id, read_environments
 
 GROUPS = ("many", "medium", "few")
@@ -34,7 +35,7 @@ _IGNORED_PREFIXES = ("logging.", "trainer.accelerator", "trainer.devices", "trai
 _REDUCE = re.compile(r"^(best|last|last([1-9]\d*))$")
 
 
-class ReportError(ValueError):
+class ReportError(ConfigError):
     """Bad input to ``fedlt report`` (printed as ``fedlt: error: ...``, exit status 2)."""
 
 

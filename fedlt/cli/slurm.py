@@ -25,9 +25,15 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-ARRAY_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "array.sbatch"
+from fedlt.errors import UserError
+
+ARRAY_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "array.sbatch"  # the repository's slurm/ folder
 _REQUEUE_FIELD = re.compile(r"\bRequeue=(\d)")
 _JOB_ID = re.compile(r"(\d+)")
+
+
+class SlurmError(UserError):
+    """sbatch is missing or refused the job (the environment's fault): message and exit status 2."""
 
 
 def _log(text: str) -> None:
@@ -158,12 +164,12 @@ def submit(command: Sequence[str]) -> str:
     try:
         done = subprocess.run(list(command), capture_output=True, text=True, timeout=300, check=False)
     except OSError as err:
-        raise ValueError(f"cannot run {command[0]!r} ({err}); is this a SLURM login node?") from err
+        raise SlurmError(f"cannot run {command[0]!r} ({err}); is this a SLURM login node?") from err
     if done.returncode != 0:
-        raise ValueError(f"sbatch failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")
+        raise SlurmError(f"sbatch failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")
     m = _JOB_ID.search(done.stdout)
     if m is None:
-        raise ValueError(f"sbatch printed no job id: {done.stdout.strip()!r}")
+        raise SlurmError(f"sbatch printed no job id: {done.stdout.strip()!r}")
     return m.group(1)
 
 

@@ -43,6 +43,11 @@ from fedlt.cli.slurm import (
     sbatch_options,
     submit,
 )
+from fedlt.errors import ConfigError
+
+
+class SweepError(ConfigError):
+    """Bad input to ``fedlt sweep`` (a grid, a sweep directory, an index): message and exit status 2."""
 
 SPEC = "sweep.json"
 CONFIG_KEY = "config"
@@ -66,27 +71,27 @@ def load_grid(path: str | Path) -> dict[str, list[Any]]:
 
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"--grid {path}: no such file")
+        raise SweepError(f"--grid {path}: no such file")
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"--grid {path}: not valid YAML ({' '.join(str(err).split())})") from err
+        raise SweepError(f"--grid {path}: not valid YAML ({' '.join(str(err).split())})") from err
     if not isinstance(data, dict) or not data:
-        raise ValueError(f"--grid {path}: expected a mapping of dotted config keys to lists of values, "
+        raise SweepError(f"--grid {path}: expected a mapping of dotted config keys to lists of values, "
                          "e.g. 'seed: [0, 1, 2]'")
     grid: dict[str, list[Any]] = {}
     for key, values in data.items():
         key = str(key)
         if key in RESERVED or key.startswith("-"):
-            raise ValueError(f"grid key {key!r}: not allowed (the sweep sets name, run_dir and resume)")
+            raise SweepError(f"grid key {key!r}: not allowed (the sweep sets name, run_dir and resume)")
         if isinstance(values, dict):
-            raise ValueError(f"grid key {key!r} maps to a mapping; use dotted keys, e.g. '{key}.<field>: [1, 2]'")
+            raise SweepError(f"grid key {key!r} maps to a mapping; use dotted keys, e.g. '{key}.<field>: [1, 2]'")
         values = values if isinstance(values, list) else [values]
         if not values:
-            raise ValueError(f"grid key {key!r} has no values")
+            raise SweepError(f"grid key {key!r} has no values")
         seen = [repr(v) for v in values]
         if len(set(seen)) != len(seen):
-            raise ValueError(f"grid key {key!r} repeats a value ({values}): two runs would share one run directory")
+            raise SweepError(f"grid key {key!r} repeats a value ({values}): two runs would share one run directory")
         grid[key] = values
     return grid
 
@@ -149,7 +154,7 @@ def _existing(path: str, base: Path | None = None, what: str = "--config") -> st
     candidates = [p] if p.is_absolute() else [Path.cwd() / p] + ([base / p] if base is not None else [])
     hit = next((c for c in candidates if c.is_file()), None)
     if hit is None:
-        raise ValueError(f"{what}: no such config file {path!r}")
+        raise SweepError(f"{what}: no such config file {path!r}")
     return str(hit.resolve())
 
 
@@ -192,7 +197,7 @@ def _resolve(parser: Any, argv: list[str], params: dict[str, Any], run: str,
         cfg = parser.parse_string(text)
         parser.instantiate_classes(cfg)
     except user_errors() as err:
-        raise ValueError(_explain(err, params, run, overrides)) from err
+        raise SweepError(_explain(err, params, run, overrides)) from err
     return text, int(cfg.trainer.rounds)
 
 
@@ -223,9 +228,9 @@ def load_spec(sweep_dir: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except OSError as err:
-        raise ValueError(f"--sweep_dir {sweep_dir}: no {SPEC} (create the sweep with --config/--grid)") from err
+        raise SweepError(f"--sweep_dir {sweep_dir}: no {SPEC} (create the sweep with --config/--grid)") from err
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from err
+        raise SweepError(f"{path}: not valid JSON ({err})") from err
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -246,7 +251,7 @@ def write(spec: dict[str, Any], texts: dict[str, str], sweep_dir: str | Path) ->
         same = [r["name"] for r in old["runs"]] == [r["name"] for r in spec["runs"]] and all(
             (d / r["config"]).is_file() and (d / r["config"]).read_text() == texts[r["name"]] for r in spec["runs"])
         if not same:
-            raise ValueError(f"{d} already holds a different sweep ({len(old['runs'])} runs); pick another --name "
+            raise SweepError(f"{d} already holds a different sweep ({len(old['runs'])} runs); pick another --name "
                              "or --sweep_dir, or delete it")
         spec = {**old, **{k: v for k, v in spec.items() if k not in ("workdir",)}}
     (d / "configs").mkdir(parents=True, exist_ok=True)
@@ -303,7 +308,7 @@ def _submit_or_print(args: argparse.Namespace, spec: dict[str, Any], sweep_dir: 
     options = options or spec.get("sbatch_options", [])
     script = Path(args.script) if args.script else ARRAY_SCRIPT
     if not args.dry_run and not script.is_file():
-        raise ValueError(f"array script {script} not found; pass --script path/to/array.sbatch")
+        raise SweepError(f"array script {script} not found; pass --script path/to/array.sbatch")
     cmd = sbatch_command(spec["name"], sweep_dir, todo, options, args.max_parallel, script, spec.get("workdir"))
     if not args.submit:
         print(f"{'would submit' if args.dry_run else 'submit with'}:\n  {shlex.join(cmd)}")
@@ -328,7 +333,7 @@ def _task_index(value: int | None) -> int:
         return value
     env = os.environ.get("SLURM_ARRAY_TASK_ID")
     if env is None or not env.isdigit():
-        raise ValueError("--run-index: give an index, or run inside a SLURM array task (SLURM_ARRAY_TASK_ID)")
+        raise SweepError("--run-index: give an index, or run inside a SLURM array task (SLURM_ARRAY_TASK_ID)")
     return int(env)
 
 
@@ -338,7 +343,7 @@ def run_index(sweep_dir: str | Path, index: int) -> int:
     d = Path(sweep_dir)
     runs = load_spec(d)["runs"]
     if not 0 <= index < len(runs):
-        raise ValueError(f"--run-index {index}: the sweep has {len(runs)} runs (0-{len(runs) - 1})")
+        raise SweepError(f"--run-index {index}: the sweep has {len(runs)} runs (0-{len(runs) - 1})")
     run = runs[index]
     status = run_status(d, run)
     if status == "finished":
@@ -360,7 +365,7 @@ def run_index(sweep_dir: str | Path, index: int) -> int:
 # -- the command ------------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # -> exit 2 through fedlt's error path, not argparse's
-        raise ValueError(f"{message} (see fedlt sweep --help)")
+        raise SweepError(f"{message} (see fedlt sweep --help)")
 
 
 def _arg_parser() -> argparse.ArgumentParser:
@@ -401,17 +406,17 @@ def _create(args: argparse.Namespace, overrides: list[str]) -> tuple[dict[str, A
 def _sweep(argv: Sequence[str]) -> int:
     args, overrides = _arg_parser().parse_known_args(list(argv))
     if overrides and (args.grid is None or not overrides[0].startswith("--")):
-        raise ValueError(f"unrecognized arguments: {' '.join(overrides)} (fit overrides need --grid)")
+        raise SweepError(f"unrecognized arguments: {' '.join(overrides)} (fit overrides need --grid)")
     if args.run_index is not None:
         if args.sweep_dir is None:
-            raise ValueError("--run-index needs --sweep_dir")
+            raise SweepError("--run-index needs --sweep_dir")
         return run_index(args.sweep_dir, _task_index(args.run_index))
     if args.grid is not None:
         spec, sweep_dir = _create(args, overrides)
     elif args.sweep_dir is not None:
         spec, sweep_dir = load_spec(args.sweep_dir), Path(args.sweep_dir)
     else:
-        raise ValueError("give --grid (and --config) to create a sweep, or --sweep_dir for an existing one")
+        raise SweepError("give --grid (and --config) to create a sweep, or --sweep_dir for an existing one")
     return _submit_or_print(args, spec, sweep_dir)
 
 

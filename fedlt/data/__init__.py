@@ -12,7 +12,7 @@ from fedlt.data.equal_partition import (
     grouped_dirichlet_partition,
 )
 from fedlt.data.federated import AUGMENTATIONS, LOCAL_TEST_PROTOCOLS, STORAGE_MODES, FederatedDataset, TensorSplit
-from fedlt.data.local_test import (
+from fedlt.data.local_test_sets import (
     LocalTestContext,
     balanced_local_test,
     independent_local_test,

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fedlt.data.batching import AUGMENTATIONS, STORAGE_MODES, BatchPipeline, TensorSplit, check_choice
 from fedlt.data.domains import DOMAIN_LAYOUTS, DomainData, leave_one_domain_out
-from fedlt.data.local_test import LOCAL_TEST_PROTOCOLS, LocalTestContext, check_local_test
+from fedlt.data.local_test_sets import LOCAL_TEST_PROTOCOLS, LocalTestContext, check_local_test
 from fedlt.data.longtail import class_groups, longtail_indices
 from fedlt.data.partition import Dirichlet, Partitioner, PartitionResult
 from fedlt.data.sources import DataSource, SourceData

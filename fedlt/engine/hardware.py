@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedlt.errors import ConfigError
+
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "64-true")
 
 
-class HardwareError(ValueError):
+class HardwareError(ConfigError):
     """The requested accelerator, device count or precision does not exist on this machine."""
 
 

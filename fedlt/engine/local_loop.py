@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from fedlt.errors import ConfigError
 from fedlt.types import ClientContext, StepOutput
 
 if TYPE_CHECKING:
@@ -91,16 +92,16 @@ def _scheduler_config(entry: Any) -> SchedulerConfig:
     if isinstance(entry, dict):
         unknown = set(entry) - {"scheduler", "interval", "frequency", "name", "monitor", "strict"}
         if "scheduler" not in entry or unknown:
-            raise ValueError(f"configure_optimizers: an lr_scheduler dict needs 'scheduler' and may have 'interval' "
+            raise ConfigError(f"configure_optimizers: an lr_scheduler dict needs 'scheduler' and may have 'interval' "
                              f"and 'frequency'; got keys {sorted(entry)}")
         if "monitor" in entry:
-            raise ValueError("configure_optimizers: 'monitor' schedulers (ReduceLROnPlateau) are not supported in "
+            raise ConfigError("configure_optimizers: 'monitor' schedulers (ReduceLROnPlateau) are not supported in "
                              "local training: a client's fit has no validation metric")
         config = SchedulerConfig(entry["scheduler"], entry.get("interval", "epoch"), int(entry.get("frequency", 1)))
     else:
         config = SchedulerConfig(entry)
     if config.interval not in ("step", "epoch") or config.frequency < 1:
-        raise ValueError(f"configure_optimizers: lr_scheduler interval must be 'step' or 'epoch' and frequency >= 1, "
+        raise ConfigError(f"configure_optimizers: lr_scheduler interval must be 'step' or 'epoch' and frequency >= 1, "
                          f"got {config.interval!r}, {config.frequency}")
     return config
 
@@ -113,7 +114,7 @@ def normalize_optimizers(out: Any) -> tuple[list[torch.optim.Optimizer], list[Sc
         return [out], []
     if isinstance(out, dict):
         if "optimizer" not in out:
-            raise ValueError(f"configure_optimizers returned a dict without 'optimizer' (keys: {sorted(out)})")
+            raise ConfigError(f"configure_optimizers returned a dict without 'optimizer' (keys: {sorted(out)})")
         scheds = [_scheduler_config(out["lr_scheduler"])] if out.get("lr_scheduler") is not None else []
         return [out["optimizer"]], scheds
     if isinstance(out, (list, tuple)):
@@ -125,7 +126,7 @@ def normalize_optimizers(out: Any) -> tuple[list[torch.optim.Optimizer], list[Sc
             return [o for opts, _ in pairs for o in opts], [c for _, cs in pairs for c in cs]
         if all(isinstance(i, torch.optim.Optimizer) for i in items):
             return items, []
-    raise ValueError(f"configure_optimizers returned {type(out).__name__}; expected an optimizer, a list of "
+    raise ConfigError(f"configure_optimizers returned {type(out).__name__}; expected an optimizer, a list of "
                      "optimizers, a dict with 'optimizer' (and 'lr_scheduler'), a list of such dicts, or two lists "
                      "(optimizers, schedulers)")
 
@@ -172,7 +173,7 @@ class LocalTrainer:
                                "(training_step and what it calls)")
         if isinstance(value, Tensor):
             if value.numel() != 1:
-                raise ValueError(f"log({name!r}): expected a scalar, got a tensor of shape {tuple(value.shape)}")
+                raise ConfigError(f"log({name!r}): expected a scalar, got a tensor of shape {tuple(value.shape)}")
             value = value.detach().reshape(())
         else:
             value = torch.tensor(float(value))
@@ -312,7 +313,7 @@ class LocalTrainer:
         :meth:`close_fit`."""
         optimizers, schedulers = normalize_optimizers(method.configure_optimizers())
         if schedulers and method.local_lr_schedule is not None:
-            raise ValueError(f"{type(method).__name__}: configure_optimizers returns an lr_scheduler and "
+            raise ConfigError(f"{type(method).__name__}: configure_optimizers returns an lr_scheduler and "
                              "local_lr_schedule is set; use one of them")
         method._optimizers = optimizers
         self.optimizers = [ClientOptimizer(o, self, method.grad_clip) for o in optimizers]
@@ -349,7 +350,7 @@ def part_metric(part: str) -> str:
 def _with_logged(record: dict[str, Tensor], logged: dict[str, Tensor]) -> dict[str, Tensor]:
     clash = sorted(k for k in logged if k in {part_metric(p) for p in record})
     if clash:
-        raise ValueError(f"log({clash[0].removeprefix('train/')!r}) names the train metric {clash[0]} that the "
+        raise ConfigError(f"log({clash[0].removeprefix('train/')!r}) names the train metric {clash[0]} that the "
                          "step's loss parts already report; log it under another name")
     return {**record, **logged}
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from fedlt.errors import ConfigError
 from fedlt.types import ClientContext, StepOutput
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from fedlt.models.custom import UserModel
 
 
-class LightningUnsupported(ValueError):
+class LightningUnsupported(ConfigError):
     """The method, or one of its settings, cannot train with a user's LightningModule (the message says why)."""
 
 
@@ -88,11 +89,11 @@ class LightningClient:
         loss = out.get("loss") if isinstance(out, dict) else out
         if loss is None:
             if self.method.automatic_optimization:
-                raise ValueError(f"{type(module).__name__}.training_step returned no loss: with automatic "
+                raise ConfigError(f"{type(module).__name__}.training_step returned no loss: with automatic "
                                  "optimization it must return the loss (a tensor, or a dict with 'loss')")
             return StepOutput(loss=None, parts={})
         if not isinstance(loss, Tensor):
-            raise ValueError(f"{type(module).__name__}.training_step returned {type(loss).__name__}; expected the "
+            raise ConfigError(f"{type(module).__name__}.training_step returned {type(loss).__name__}; expected the "
                              "loss tensor (or a dict with 'loss')")
         if not self.method.automatic_optimization:
             return StepOutput(loss=None, parts={"loss": loss.detach()})

@@ -15,6 +15,7 @@ from fedlt.engine.collectives import all_reduce_sum_
 from fedlt.engine.comm import RunInfo
 from fedlt.engine.exact import ExactSum, magnitudes
 from fedlt.engine.params import FlatLayout, copy_tensors_
+from fedlt.errors import ConfigError
 from fedlt.losses import CrossEntropy, Loss
 from fedlt.registry import Registry
 from fedlt.schedules import Schedule
@@ -346,7 +347,7 @@ class FedMethod:
         ``reduce_fx="mean"`` exists (values are always synchronised across ranks, once per round);
         ``logger=False`` drops the value."""
         if reduce_fx not in ("mean", torch.mean):
-            raise ValueError(f"log({name!r}): reduce_fx={reduce_fx!r}; fedlt reduces logged values by their mean "
+            raise ConfigError(f"log({name!r}): reduce_fx={reduce_fx!r}; fedlt reduces logged values by their mean "
                              "over the round's local steps")
         if logger:
             self.trainer.log(name, value)

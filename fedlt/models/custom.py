@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fedlt.errors import ConfigError
 from fedlt.models.base import FedModel
 
 DATA_ARGS = ("num_classes", "in_channels", "image_size")
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ConfigError):
     """A user model that cannot be imported, built or split into features and head."""
 
 

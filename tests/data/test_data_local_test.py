@@ -1,10 +1,10 @@
-"""Tests of fedlt.data.local_test (docs/reference.md 1.5, T-A)."""
+"""Tests of fedlt.data.local_test_sets (docs/reference.md 1.5, T-A)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedlt.data.local_test import local_test_quotas, proportional_local_test
+from fedlt.data.local_test_sets import local_test_quotas, proportional_local_test
 
 
 def test_hand_worked_example() -> None:

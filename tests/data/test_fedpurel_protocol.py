@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedlt.data.federated import FederatedDataset
-from fedlt.data.local_test import (
+from fedlt.data.local_test_sets import (
     balanced_local_test,
     independent_local_test,
     same_share_local_test,

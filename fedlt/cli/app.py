@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 
 from fedlt.cli.commands import cmd_methods, guarded
-from fedlt.cli.errors import EXIT_USAGE, usage_error
+from fedlt.cli.errors import EXIT_INTERNAL, EXIT_USAGE, INTERNAL_ERROR_NOTE, usage_error
 from fedlt.cli.parser import COMMANDS
 
 
@@ -40,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entrypoint() -> None:
     """Console-script wrapper: exits with :func:`main`'s status. Output into a closed pipe (``fedlt methods |
-    head -1``) ends quietly with status 0, as ``ls | head`` does: the reader wanted no more."""
+    head -1``) ends quietly with status 0, as ``ls | head`` does: the reader wanted no more. An exception that
+    reaches here is a bug in fedlt: its traceback, one line asking to report it, exit status 1."""
     try:
         status = main()
         sys.stdout.flush()
@@ -49,4 +51,8 @@ def entrypoint() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         status = 0
+    except Exception:
+        traceback.print_exc()
+        print(INTERNAL_ERROR_NOTE, file=sys.stderr)
+        status = EXIT_INTERNAL
     sys.exit(status)
