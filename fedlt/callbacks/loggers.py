@@ -226,8 +226,11 @@ class WandbFabricLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Logs one round's row with ``round = step`` as its x value, and no explicit W&B step: W&B drops a row
+        whose step is not above the last one it has, which is every round a resume after an unclean stop
+        trains again; its own counter never goes back, and the dashboards plot against ``round``."""
         if self.experiment is not None:
-            self.experiment.log(dict(metrics, round=step), step=step)
+            self.experiment.log(dict(metrics, round=step))
 
     @rank_zero_only
     def log_partition(self, summary: dict[str, Any]) -> None:
@@ -239,7 +242,7 @@ class WandbFabricLogger(Logger):
         counts = summary.get("client_class_counts", [])
         columns = ["client"] + [f"class_{c}" for c in range(len(counts[0]) if counts else 0)]
         table = wandb.Table(columns=columns, data=[[k, *row] for k, row in enumerate(counts)])
-        self.experiment.log({"partition/client_class_counts": table}, step=0)
+        self.experiment.log({"partition/client_class_counts": table})
         rest = {k: v for k, v in summary.items() if k != "client_class_counts"}  # the table holds those
         self.experiment.summary["partition"] = json.loads(json.dumps(rest, default=str))
 

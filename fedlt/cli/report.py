@@ -82,8 +82,10 @@ def _select_runs(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
     if not args.unfinished:
         unfinished = [r for r in runs if not r.finished]
         if unfinished:
-            notes.append(f"skipped {len(unfinished)} unfinished run(s) without final.json (--unfinished keeps them)")
+            notes.append(f"not in the table: {len(unfinished)} unfinished run(s) without final.json (--unfinished "
+                         f"keeps them): {', '.join(sorted(r.path.name for r in unfinished))}")
         runs = [r for r in runs if r.finished]
+    notes += _sweep_runs_not_run(args.inputs, {r.path.resolve() for r in runs})
     if not runs:
         raise ReportError("no finished run (final.json) found; --unfinished reports runs in progress")
     post = [r for r in runs if r.finished and "post_training" in _final_report(r.path)]
@@ -95,9 +97,32 @@ def _select_runs(args: argparse.Namespace) -> tuple[list[Run], list[str]]:
     return runs, notes
 
 
+def _sweep_runs_not_run(inputs: Sequence[str], reported: set[Path]) -> list[str]:
+    """For every input that is a sweep directory (``sweep.json``): its runs that never started (pending) and those
+    that started but have no complete result (interrupted: failed, preempted or still running)."""
+    from fedlt.cli.sweep import SPEC, load_spec, run_status
+
+    notes = []
+    for inp in inputs:
+        d = Path(inp)
+        if not (d / SPEC).is_file():
+            continue
+        by_status: dict[str, list[str]] = {}
+        for run in load_spec(d)["runs"]:
+            if (d / "runs" / run["name"]).resolve() not in reported:
+                by_status.setdefault(run_status(d, run), []).append(run["name"])
+        for status, words in (("pending", "never started"),
+                              ("interrupted", "started, no result: failed, preempted or still running"),
+                              ("finished", "finished but not reported")):
+            if by_status.get(status):
+                names = by_status[status]
+                notes.append(f"sweep {d}: {len(names)} run(s) {status} ({words}): {', '.join(names)}")
+    return notes
+
+
 def _report(args: argparse.Namespace) -> int:
     from fedlt.cli.report_plots import group_stats, write_plots
-    from fedlt.cli.report_tables import build_table, latex, markdown, tex_escape
+    from fedlt.cli.report_tables import build_table, csv_text, latex, markdown, tex_escape
 
     reduce_series([], args.reduce)  # validates --reduce before reading anything
     runs, notes = _select_runs(args)
@@ -115,19 +140,21 @@ def _report(args: argparse.Namespace) -> int:
     table = build_table(summary)
     builds = software(runs)
     md = markdown(table, args.title) + f"\n{software_line(builds)}\n"
-    (out / "table.md").write_text(md)
     (out / "table.tex").write_text(latex(table, args.title) + f"% {tex_escape(software_line(builds))}\n")
+    (out / "table.csv").write_text(csv_text(summary))
     summary["groups"] = group_stats(summary)
     plots, plot_notes = write_plots(summary, out, args.title)
     notes += plot_notes
+    if notes:  # the runs left out, the plots skipped: a reader of table.md sees them too
+        md += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+    (out / "table.md").write_text(md)
     public = {k: v for k, v in summary.items() if not k.startswith("_")}
     public.update(num_runs=len(runs), plots=plots, notes=notes, software=builds)
     (out / "summary.json").write_text(json.dumps(public, indent=1, default=str))
     print(md)
-    for note in notes:
-        print(f"note: {note}")
     for warning in builds["warnings"]:
         print(f"fedlt: warning: {warning}", file=sys.stderr)
-    for name in ("table.md", "table.tex", "summary.json", *(Path(p["path"]).name for p in plots.values())):
+    written = ("table.md", "table.tex", "table.csv", "summary.json", *(Path(p["path"]).name for p in plots.values()))
+    for name in written:
         print(f"wrote {out / name}")
     return 0

@@ -12,7 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fedlt.cli.report_runs import GROUPS, Cell, reduce_series
+from fedlt.cli.report_runs import GROUPS, Cell, metric_label, reduce_series
+from fedlt.cli.report_tables import describe_reduce
 
 _GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}  # as fedlt.data.plot
 
@@ -59,13 +60,18 @@ def _figure(n: int, width: float = 5.0):
 
 def _save(fig: Any, path: Path, title: str | None, panels: list[dict[str, Any]]) -> dict[str, Any]:
     if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=120)
+        fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=150)
     return {"path": str(path), "panels": panels}
 
 
+def _title(given: str | None, what: str) -> str:
+    """The figure's title: the report's ``--title`` with what the figure shows, or that alone."""
+    return f"{given}: {what}" if given else what
+
+
 def _ylabel(summary: dict[str, Any], metric: str) -> str:
-    return f"{metric} (%)" if summary["percent"] else metric
+    return metric_label(metric)
 
 
 def _curve(runs: list, metric: str) -> tuple[list[int], list[float], list[float]]:
@@ -102,11 +108,11 @@ def _curves(summary: dict[str, Any], path: Path, title: str | None) -> dict[str,
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title=summary["rows_key"], title_fontsize=8)
         series = {ln.get_label(): ln.get_xydata().tolist() for ln in ax.get_lines()}
         described.append({"title": label, "series": series})
     axes[0].set_ylabel(_ylabel(summary, metric))
-    return _save(fig, path, title, described)
+    return _save(fig, path, _title(title, f"{metric_label(metric)} per round (mean ± std over seeds)"), described)
 
 
 def group_stats(summary: dict[str, Any]) -> dict[str, Any]:
@@ -148,9 +154,12 @@ def _groups(summary: dict[str, Any], path: Path, title: str | None) -> dict[str,
         ax.set_title(label if len(labels) > 1 else "", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         described.append({"title": label, "rows": rows, "bars": [round(p.get_height(), 6) for p in ax.patches]})
-    axes[0].set_ylabel(f"{summary['groups']['metrics'][0].rsplit('_', 1)[0]}_<group> (%), {summary['reduce']}")
-    axes[0].legend(fontsize=8)
-    return _save(fig, path, title, described)
+    scope = "PM" if summary["groups"]["metrics"][0].startswith("test/personal/") else "GM"
+    axes[0].set_ylabel(f"{scope} accuracy per class group (%)")
+    axes[0].legend(fontsize=8, title="classes", title_fontsize=8)
+    what = (f"{scope} many / medium / few-class accuracy ({describe_reduce(summary['reduce'])}; bars: mean, "
+            "whiskers: std)")
+    return _save(fig, path, _title(title, what), described)
 
 
 def _pm_clients(summary: dict[str, Any], path: Path, title: str | None) -> dict[str, Any] | str:
@@ -173,6 +182,6 @@ def _pm_clients(summary: dict[str, Any], path: Path, title: str | None) -> dict[
         medians = [float(m.get_ydata()[0]) for m in box["medians"]]
         described.append({"title": label, "rows": list(rows), "medians": medians,
                           "num_clients": [len(v) for v in rows.values()]})
-    axes[0].set_ylabel("per-client PM accuracy (%), last evaluation")
+    axes[0].set_ylabel("PM accuracy of each client (%)")
     fig.supxlabel("box: quartiles, line: median, triangle: mean, dots: clients (all seeds)", fontsize=8)
-    return _save(fig, path, title, described)
+    return _save(fig, path, _title(title, "per-client PM accuracy at the last evaluation"), described)

@@ -58,13 +58,14 @@ class Cell:
     values: list[float] = field(default_factory=list)
     seeds: list[Any] = field(default_factory=list)
     runs: list[str] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)  # the evaluated rounds each run's value reduces
 
     def stats(self) -> dict[str, Any]:
-        """``mean``, ``std`` (sample, 0 for one value), ``n`` and the inputs."""
+        """``mean``, ``std`` (sample, 0 for one value), ``n``, the rounds each value reduces and the inputs."""
         n = len(self.values)
         std = statistics.stdev(self.values) if n > 1 else 0.0
         return {"mean": statistics.fmean(self.values), "std": std, "n": n, "seeds": self.seeds,
-                "values": self.values, "runs": self.runs}
+                "values": self.values, "runs": self.runs, "rounds": self.rounds}
 
 
 # -- reading -----------------------------------------------------------------------------------------------
@@ -200,6 +201,41 @@ def reduce_series(points: Sequence[tuple[int, float]], mode: str, higher: bool =
     return statistics.fmean(vals)
 
 
+def rounds_used(points: Sequence[tuple[int, float]], mode: str) -> int:
+    """How many evaluated rounds :func:`reduce_series` reduces (``lastN`` with fewer evaluations: all of them)."""
+    finite = [p for p in points if not math.isnan(p[1])]
+    if mode in ("last", "best"):
+        return min(len(finite), 1) if mode == "last" else len(finite)
+    m = _REDUCE.match(mode)
+    return len([p for p in points[-int(m.group(2)):] if not math.isnan(p[1])]) if m else 0
+
+
+_SCOPES = (("test/global/", "GM"), ("test/personal/", "PM"), ("val/global/", "validation GM"),
+           ("val/personal/", "validation PM"), ("val/", "validation"), ("train/", "train"), ("time/", "time"))
+_WORDS = {"acc": "accuracy", "acc_mean": "mean accuracy over clients", "acc_std": "accuracy std over clients",
+          "acc_many": "many-class accuracy", "acc_medium": "medium-class accuracy", "acc_few": "few-class accuracy",
+          "acc_worst10": "accuracy of the worst 10% clients", "acc_worst_class": "worst-class accuracy",
+          "acc_worst_class_mean": "worst-class accuracy (mean over clients)", "loss": "loss",
+          "round_s": "seconds per round", "balancedness": "balancedness"}
+
+
+def metric_label(metric: str) -> str:
+    """A metric key in words with its unit: ``test/global/acc`` -> ``GM accuracy (%)``,
+    ``test/personal/acc_few`` -> ``PM few-class accuracy (%)``, ``time/round_s`` -> ``time: seconds per round``."""
+    scope, rest = "", metric
+    if metric.startswith("test/domain/") and metric.count("/") >= 3:  # test/domain/<name>/acc
+        _, _, name, rest = metric.split("/", 3)
+        scope = f"{name} domain"
+    else:
+        for prefix, words in _SCOPES:
+            if metric.startswith(prefix):
+                scope, rest = words, metric[len(prefix):]
+                break
+    words = _WORDS.get(rest, rest.replace("_", " "))
+    text = f"{scope}: {words}" if scope in ("train", "time") else f"{scope} {words}".strip()
+    return f"{text} (%)" if is_percent(metric) else text
+
+
 @dataclass
 class Grouping:
     """Runs grouped by row value and column values."""
@@ -228,11 +264,13 @@ def aggregate(grouping: Grouping, metric: str, mode: str) -> dict[tuple[Any, tup
     for key, runs in grouping.members.items():
         cell = Cell()
         for run in runs:
-            value = reduce_series(run.series.get(metric, []), mode, higher_is_better(metric))
+            points = run.series.get(metric, [])
+            value = reduce_series(points, mode, higher_is_better(metric))
             if value is not None:
                 cell.values.append(value)
                 cell.seeds.append(run.config.get("seed"))
                 cell.runs.append(str(run.path))
+                cell.rounds.append(rounds_used(points, mode))
         if cell.values:
             cells[key] = cell
     return cells
@@ -280,7 +318,10 @@ def summarize(runs: Sequence[Run], metric: str, mode: str, row_key: str, column_
         means = {r: c[label]["mean"] for r, c in cells.items() if label in c}
         top = max((sign * m for m in means.values()), default=None)
         best[label] = [r for r, m in means.items() if top is not None and sign * m >= top - 1e-12]
-    return {"metric": metric, "reduce": mode, "rows_key": row_key, "column_keys": list(column_keys),
+    used = [n for row in cells.values() for c in row.values() for n in c["rounds"]]
+    return {"metric": metric, "metric_label": metric_label(metric), "reduce": mode,
+            "rounds_used": [min(used, default=0), max(used, default=0)], "rows_key": row_key,
+            "column_keys": list(column_keys),
             "percent": is_percent(metric), "higher_is_better": sign > 0, "std": "sample (ddof=1), 0 for n=1",
             "rows": rows, "columns": labels, "cells": cells, "best": best,
             "column_values": {label_of[c]: dict(zip(column_keys, c)) for c in grouping.columns},

@@ -311,6 +311,11 @@ def _submit_or_print(args: argparse.Namespace, spec: dict[str, Any], sweep_dir: 
         raise SweepError(f"array script {script} not found; pass --script path/to/array.sbatch")
     cmd = sbatch_command(spec["name"], sweep_dir, todo, options, args.max_parallel, script, spec.get("workdir"))
     if not args.submit:
+        if not (sweep_dir / SPEC).is_file():  # --dry-run of a new sweep: nothing exists that these could run
+            print(f"would submit, once the sweep exists:\n  {shlex.join(cmd)}")
+            print(f"--dry-run wrote nothing: create the sweep first (this command without --dry-run writes "
+                  f"{sweep_dir / SPEC}), then --submit it or run it locally with --run-index")
+            return 0
         print(f"{'would submit' if args.dry_run else 'submit with'}:\n  {shlex.join(cmd)}")
         print(f"or run locally: for i in {' '.join(map(str, todo))}; do fedlt sweep --sweep_dir {sweep_dir} "
               "--run-index $i; done")

@@ -82,10 +82,11 @@ def test_table_values_and_auto_columns(sweep, capsys):
     assert md.splitlines()[:4] == [
         "| method | alpha=0.5 | alpha=1 |",
         "|:---|---:|---:|",
-        "| FedAvg | 62.00 ± 1.41 | **81.00 ± 0.00** |",
-        "| FedProx | **73.00 ± 2.83** | 51.00 ± 0.00 (n=1) |",
+        "| FedAvg | 62.00 ± 1.41 (n=2) | **81.00 ± 0.00** (n=2) |",
+        "| FedProx | **73.00 ± 2.83** (n=2) | 51.00 (n=1) |",  # a single run: its value, no "± 0.00"
     ]
-    assert "mean of the last 10 evaluated rounds" in md
+    assert "GM accuracy (%) (test/global/acc): mean ± sample std over seeds, n runs per cell" in md
+    assert "mean of the last 10 evaluated rounds;" in md  # 12 evaluated rounds: 10 averaged, as asked
     assert md in out and f"wrote {sweep / 'report' / 'table.tex'}" in out
 
 
@@ -100,12 +101,12 @@ def test_latex_table_is_escaped_and_matches(sweep, tmp_path):
     assert lines[-1] == "% Software: not recorded"  # these hand-written runs have no environment.json
     assert lines[4] == r"method & alpha=0.5, imbalance\_factor=100 & alpha=1, imbalance\_factor=100 \\"
     assert lines[5] == r"\midrule" and lines[-3] == r"\bottomrule"
-    assert lines[6] == r"FedAvg & $62.00 \pm 1.41$ & $\mathbf{81.00 \pm 0.00}$ \\"
-    assert lines[7] == r"FedProx & $\mathbf{73.00 \pm 2.83}$ & $51.00 \pm 0.00$ (n=1) \\"
+    assert lines[6] == r"FedAvg & $62.00 \pm 1.41$ {\scriptsize (2)} & $\mathbf{81.00 \pm 0.00}$ {\scriptsize (2)} \\"
+    assert lines[7] == r"FedProx & $\mathbf{73.00 \pm 2.83}$ {\scriptsize (2)} & $51.00$ {\scriptsize (1)} \\"
     body = "\n".join(line.removeprefix("% ") for line in lines).replace(" & ", " ").replace("\\\\", "")
     assert not re.search(r"(?<!\\)[_&%#]", body)  # every special character escaped
     md = (out / "table.md").read_text()
-    assert md.startswith("**IF_100 & 5% (a#1)**\n") and "| FedAvg | 62.00 ± 1.41 | **81.00 ± 0.00** |" in md
+    assert md.startswith("**IF_100 & 5% (a#1)**\n") and "| FedAvg | 62.00 ± 1.41 (n=2) | **81.00 ± 0.00** (n=2) |" in md
 
 
 @pytest.mark.parametrize(("mode", "mean"),
@@ -160,7 +161,8 @@ def test_missing_clients_json_skips_the_pm_plot_and_unfinished_runs(tmp_path, ca
     out = capsys.readouterr().out
     s = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert not (tmp_path / "report" / "pm_clients.png").exists() and "pm_clients.png skipped" in out
-    assert s["num_runs"] == 1 and "skipped 1 unfinished run" in out
+    assert s["num_runs"] == 1 and "not in the table: 1 unfinished run(s) without final.json" in out
+    assert "(--unfinished keeps them): b" in (tmp_path / "report" / "table.md").read_text()  # named, in the table
     assert _report(tmp_path, "--unfinished") == 0
     s = json.loads((tmp_path / "report" / "summary.json").read_text())
     assert s["num_runs"] == 2 and s["cells"]["FedAvg"]["test/global/acc"]["mean"] == pytest.approx(0.66)
@@ -233,3 +235,42 @@ def test_clients_json_is_world_size_invariant(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
     one, two = (json.loads((tmp_path / n / "clients.json").read_text()) for n in ("one", "two"))
     assert one == two and len(one["acc"]) == 8
+
+
+def test_csv_next_to_the_tables_and_captions_that_say_how_many_rounds_were_averaged(sweep, tmp_path):
+    assert _report(sweep) == 0
+    rows = list(csv.DictReader((sweep / "report" / "table.csv").open()))
+    first = rows[0]
+    assert (first["method"], first["column"], first["n"], first["best"]) == ("FedAvg", "alpha=0.5", "2", "0")
+    assert float(first["mean"]) == pytest.approx(62.0) and float(first["std"]) == pytest.approx(1.41421, rel=1e-4)
+    assert len(rows) == 4
+    # 12 evaluated rounds and --reduce last20: all 12 averaged, and the caption says so.
+    assert _report(sweep, "--reduce", "last20", "--out", tmp_path / "r20") == 0
+    md = (tmp_path / "r20" / "table.md").read_text()
+    assert "mean of the last 20 evaluated rounds asked; the runs have 12 evaluated rounds, all of them averaged" in md
+    assert json.loads((tmp_path / "r20" / "summary.json").read_text())["rounds_used"] == [12, 12]
+
+
+def test_metric_labels_in_words_with_units():
+    from fedlt.cli.report_runs import metric_label
+
+    assert metric_label("test/global/acc") == "GM accuracy (%)"
+    assert metric_label("test/personal/acc_mean") == "PM mean accuracy over clients (%)"
+    assert metric_label("test/global/acc_few") == "GM few-class accuracy (%)"
+    assert metric_label("test/domain/sketch/acc") == "sketch domain accuracy (%)"
+    assert metric_label("train/loss") == "train: loss"
+    assert metric_label("time/round_s") == "time: seconds per round"
+
+
+def test_a_sweeps_pending_and_interrupted_runs_are_listed(tmp_path):
+    root = tmp_path / "sw"
+    _write_run(root / "runs" / "done", "FedAvg", 0.5, 0, 0.6)
+    _write_run(root / "runs" / "broken", "FedAvg", 0.5, 1, 0.6, finished=False)
+    (root / "runs" / "broken" / "checkpoints").mkdir()
+    (root / "runs" / "broken" / "checkpoints" / "round_00003.ckpt").write_bytes(b"x")
+    spec = {"runs": [{"name": n, "config": f"configs/{n}.yaml", "rounds": 13} for n in ("done", "broken", "later")]}
+    (root / "sweep.json").write_text(json.dumps(spec))
+    assert _report(root) == 0
+    md = (root / "report" / "table.md").read_text()
+    assert "1 run(s) pending (never started): later" in md
+    assert "1 run(s) interrupted (started, no result: failed, preempted or still running): broken" in md

@@ -134,9 +134,18 @@ def test_dry_run_prints_the_runs_and_the_sbatch_command_and_writes_nothing(tmp_p
     assert "sweep s: 8 runs" in out and "(8 pending)" in out
     for index, name in enumerate(NAMES):
         assert f"{index:>5}  pending      {name}\n" in out
-    assert "would submit:\n  sbatch --array=0-7%4 --job-name=s " in out and "--partition=gpu" in out
-    assert f"slurm/array.sbatch {tmp_path / 's'}\n" in out
+    assert "would submit, once the sweep exists:\n  sbatch --array=0-7%4 --job-name=s " in out
+    assert "--partition=gpu" in out and f"slurm/array.sbatch {tmp_path / 's'}\n" in out
+    # Nothing was written, so no command that would fail is offered: it says to create the sweep first.
+    assert "--dry-run wrote nothing: create the sweep first" in out and "or run locally" not in out
     assert not (tmp_path / "s").exists() and _calls(slurm_log) == []
+    # Once created, --dry-run on the sweep directory offers the commands that now work.
+    assert _sweep(tmp_path, tmp_path / "s", GRID) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--sweep_dir", str(tmp_path / "s"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would submit:\n  sbatch --array=0-7" in out
+    assert f"fedlt sweep --sweep_dir {tmp_path / 's'} --run-index" in out
 
 
 def test_submit_calls_sbatch_with_the_array_and_the_options(tmp_path, capsys, slurm_log, monkeypatch):

@@ -1,4 +1,4 @@
-"""The W&B run layout of ``fedlt fit`` (group, job type, tags, flattened config, ``round`` as the step, final
+"""The W&B run layout of ``fedlt fit`` (group, job type, tags, flattened config, ``round`` as the x axis, final
 summary, resume) against a recording fake of ``wandb.init``: no W&B server, no W&B files."""
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 class FakeRun:
     """Records what the logger does with a ``wandb`` run."""
 
-    def __init__(self, run_dir: Path, **kwargs: Any) -> None:
+    def __init__(self, run_dir: Path, start_step: int = 0, **kwargs: Any) -> None:
         self.init = kwargs
         self.id = kwargs["id"] or "fake0001"
+        self.step = start_step  # W&B's own step counter (a resumed run continues it)
+        self.dropped: list[dict[str, Any]] = []
         self.dir = str(run_dir / "fake-wandb" / "files")
         self.config = dict(kwargs["config"])
         self.summary: dict[str, Any] = {}
@@ -34,7 +36,13 @@ class FakeRun:
         self.exit_code: int | None = None
 
     def log(self, data: dict[str, Any], step: int | None = None) -> None:
+        """As W&B: a row with an explicit step below its counter is dropped (with a warning); otherwise the row
+        is kept and the counter moves past it."""
+        if step is not None and step < self.step:
+            self.dropped.append(dict(data))
+            return
         self.logged.append((step, dict(data)))
+        self.step = (self.step if step is None else step) + 1
 
     def define_metric(self, name: str, step_metric: str | None = None, **_: Any) -> None:
         self.defined.append((name, step_metric))
@@ -52,7 +60,8 @@ def runs(monkeypatch, tmp_path) -> list[FakeRun]:
     started: list[FakeRun] = []
 
     def fake_init(**kwargs: Any) -> FakeRun:
-        started.append(FakeRun(tmp_path, **kwargs))
+        earlier = [r for r in started if kwargs.get("id") and r.id == kwargs["id"]]
+        started.append(FakeRun(tmp_path, start_step=earlier[-1].step if earlier else 0, **kwargs))
         return started[-1]
 
     monkeypatch.setattr(wandb, "init", fake_init)
@@ -91,15 +100,15 @@ def test_fit_logs_group_job_type_tags_flat_config_round_steps_and_final_summary(
     }
     assert {k: cfg.get(k) for k in expected} == expected
     assert fake.defined == [("round", None), ("*", "round")]
-    # The partition table first (step 0), then one row per round with the round as its step.
+    # The partition table first, then one row per round with its round (W&B's own step counter, no explicit step).
     step0, table = fake.logged[0]
-    assert step0 == 0 and isinstance(table["partition/client_class_counts"], wandb.Table)
+    assert step0 is None and isinstance(table["partition/client_class_counts"], wandb.Table)
     assert len(table["partition/client_class_counts"].data) == 8
     partition = {"name": "dirichlet", "alpha": 0.5, "min_size": 5, "max_tries": 100}
     assert fake.summary["partition"]["partition"] == partition
     assert "client_class_counts" not in fake.summary["partition"]  # in the table only
     csv_rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert [(s, d["round"]) for s, d in fake.rows()] == [(1, 1), (2, 2)]
+    assert [(s, d["round"]) for s, d in fake.rows()] == [(None, 1), (None, 2)]
     for (_, logged), row in zip(fake.rows(), csv_rows):
         assert logged["test/global/acc"] == pytest.approx(float(row["test/global/acc"]))
         assert logged["train/loss"] == pytest.approx(float(row["train/loss"]))
@@ -125,7 +134,7 @@ def test_preempted_and_resumed_run_continues_the_same_wandb_run(tmp_path, runs, 
     # The environment record rides in the W&B config (dotted keys), from each segment's own process.
     assert first.init["config"]["environment.torch.version"] == torch.__version__
     assert second.init["config"]["environment.world_size"] == 1
-    assert [s for s, _ in first.rows()] == [1] and [s for s, _ in second.rows()] == [2, 3]
+    assert [d["round"] for _, d in first.rows()] == [1] and [d["round"] for _, d in second.rows()] == [2, 3]
     assert not any("partition/client_class_counts" in d for _, d in second.logged)  # logged once, by the first run
     assert second.defined == [("round", None), ("*", "round")]
     report = json.loads((run / "final.json").read_text())
@@ -149,3 +158,32 @@ def test_flatten_config_and_run_tags():
                                                                         "fedpurel", "mine"]
     given = {"source": "imagenet_lt", "imbalance_factor": None, "partition": {"name": "given"}}
     assert run_tags(given, "fedavg", 0) == ["imagenet_lt", "seed0", "fedavg"]
+
+
+def test_rounds_trained_again_after_an_unclean_stop_are_logged_not_dropped(tmp_path, runs, monkeypatch):
+    """A crash after round 2 was logged but before its checkpoint: the resume trains round 2 again and its row
+    must reach W&B (an explicit step=2 would be below W&B's counter and be dropped)."""
+    import fedlt.experiment as experiment
+
+    class Crash(Exception):
+        pass
+
+    hits = {"n": 0}
+
+    def crash_at_round_2(name: str) -> None:
+        if name == "round.end":
+            hits["n"] += 1
+            if hits["n"] == 2:
+                raise Crash("the node died")
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(experiment, "failpoint", crash_at_round_2)
+    with pytest.raises(Crash):
+        _fit(run, "--trainer.rounds", "3")
+    monkeypatch.setattr(experiment, "failpoint", lambda name: None)
+    assert _fit(run, "--trainer.rounds", "3", "--resume", "auto") == 0
+    first, second = runs
+    assert [d["round"] for _, d in first.rows()] == [1, 2]  # round 2 reached W&B, then the process died
+    assert second.init["id"] == first.id and not second.dropped
+    assert [d["round"] for _, d in second.rows()] == [2, 3]  # round 2 again (from the round-1 checkpoint), then 3
+    assert all(step is None for step, _ in first.rows() + second.rows())  # W&B's own counter; x axis: round
