@@ -59,8 +59,10 @@ def _figure(n: int, width: float = 5.0):
 
 
 def _save(fig: Any, path: Path, title: str | None, panels: list[dict[str, Any]]) -> dict[str, Any]:
-    if title:
-        fig.suptitle(title, fontsize=11)
+    if title:  # wrapped to the figure's width (about 13 characters an inch at this size), never clipped
+        import textwrap
+
+        fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 13))), fontsize=11)
     fig.savefig(path, dpi=150)
     return {"path": str(path), "panels": panels}
 
@@ -157,9 +159,8 @@ def _groups(summary: dict[str, Any], path: Path, title: str | None) -> dict[str,
     scope = "PM" if summary["groups"]["metrics"][0].startswith("test/personal/") else "GM"
     axes[0].set_ylabel(f"{scope} accuracy per class group (%)")
     axes[0].legend(fontsize=8, title="classes", title_fontsize=8)
-    what = (f"{scope} many / medium / few-class accuracy ({describe_reduce(summary['reduce'])}; bars: mean, "
-            "whiskers: std)")
-    return _save(fig, path, _title(title, what), described)
+    fig.supxlabel(f"bars: mean over seeds of the {describe_reduce(summary['reduce'])}, whiskers: std", fontsize=8)
+    return _save(fig, path, _title(title, f"{scope} many / medium / few-class accuracy"), described)
 
 
 def _pm_clients(summary: dict[str, Any], path: Path, title: str | None) -> dict[str, Any] | str:

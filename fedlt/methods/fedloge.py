@@ -193,8 +193,8 @@ class FedLoGe(FedAvg):
         realign: ``every_eval`` or ``post_training`` (see the module docstring).
         etf_basis: the random matrix whose QR gives the SSE-C's orthonormal P: ``gaussian`` (paper) or
             ``uniform`` (U[0, 1), the official code).
-        loss: the backbone's loss on the SSE-C logits (default cross-entropy).
-        **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`.
+        **kwargs: local-training arguments of :class:`fedlt.methods.base.FedMethod`; its ``loss`` is the
+            backbone's loss on the SSE-C logits (default cross-entropy).
     """
 
     paper = PaperRef(
