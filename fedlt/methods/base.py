@@ -23,6 +23,7 @@ from fedlt.types import ClientContext, ClientUpdate, PaperRef, ServerMessage, St
 
 if TYPE_CHECKING:
     from fedlt.engine.local_loop import LocalTrainer
+    from fedlt.models.base import FedModel
 
 METHODS: Registry[type[FedMethod]] = Registry("method")
 
@@ -230,6 +231,10 @@ class FedMethod:
     # The run this method is part of (seed, rounds, ranks), set by the Simulator before ``setup``: every
     # server-side random draw derives from ``run.seed`` through ``fedlt.engine.sharding.seeded_generator``.
     run: RunInfo = RunInfo()
+    # Set by ``setup``: the workspace model (a FedModel: ``forward_features`` and ``head``), the data and the trainer.
+    model: FedModel
+    data: Any
+    trainer: LocalTrainer
     # Where the authors' released code (the code behind the paper's tables) does something other than the paper
     # describes: the constructor arguments that select the code's behaviour, with the code's values. The defaults
     # follow the paper; ``configs/paper/`` files set these values. One named argument per difference; the table
