@@ -1,15 +1,7 @@
-"""``fedlt report``: tables and plots of a sweep's run directories, offline (no W&B); the runs are read and
-aggregated by :mod:`fedlt.cli.report_runs`.
+"""``fedlt report``: tables (Markdown, LaTeX, CSV) and plots of run directories, offline (no W&B).
 
-Every run directory holds ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per round) and, once
-finished, ``final.json`` (and ``clients.json``, the per-client PM accuracy of the last evaluation). Runs are
-grouped by a row key (default: the method) and column keys (default: the config fields that vary between runs,
-other than the seed, the run name/dir, logging and hardware settings, and fields fixed by the row such as a
-method's own hyperparameters), and aggregated over seeds: mean, sample std (ddof 1; 0 for a single seed) and n.
-
-A run's value is its metric reduced over the evaluated rounds (those where the metric is present):
-``last10`` (default) the mean of the last 10 (the project's final-report convention), ``lastN`` the last N,
-``last`` the last one, ``best`` the maximum.
+:mod:`fedlt.cli.report_runs` reads the run directories and aggregates them over seeds (its docstring describes the
+grouping and the ``--reduce`` modes); :mod:`~fedlt.cli.report_tables` and :mod:`~fedlt.cli.report_plots` draw them.
 """
 
 from __future__ import annotations

@@ -59,10 +59,10 @@ def _figure(n: int, width: float = 5.0):
 
 
 def _save(fig: Any, path: Path, title: str | None, panels: list[dict[str, Any]]) -> dict[str, Any]:
-    if title:  # wrapped to the figure's width (about 13 characters an inch at this size), never clipped
+    if title:  # wrapped to the figure's width (about 11 characters an inch at this size), never clipped
         import textwrap
 
-        fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 13))), fontsize=11)
+        fig.suptitle(textwrap.fill(title, width=max(40, int(fig.get_figwidth() * 11))), fontsize=11)
     fig.savefig(path, dpi=150)
     return {"path": str(path), "panels": panels}
 
