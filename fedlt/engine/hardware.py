@@ -38,11 +38,10 @@ class Hardware:
         """The one line a run prints at its start: hardware, world size, precision and the cohort's sharding."""
         cohort = min(clients_per_round, num_clients)
         ranks = self.world_size
-        each = f"{cohort // ranks}-{-(-cohort // ranks)}" if cohort % ranks else f"{cohort // ranks}"
+        how = "balanced by local sample counts, every round" if ranks > 1 else "all on this rank"
         return (f"fedlt: accelerator {self.accelerator} | {self.devices} device{_s(self.devices)} per node x "
                 f"{self.num_nodes} node{_s(self.num_nodes)} = world size {ranks} | precision {self.precision} | "
-                f"cohort of {cohort} client{_s(cohort)} sharded over {ranks} rank{_s(ranks)} ({each} each, balanced "
-                "by local sample counts)")
+                f"cohort of {cohort} client{_s(cohort)} sharded over {ranks} rank{_s(ranks)} ({how})")
 
 
 def _s(n: int) -> str:

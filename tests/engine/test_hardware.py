@@ -69,9 +69,9 @@ def test_missing_hardware_is_refused_with_what_exists(gpus):
 def test_the_cohort_line_names_hardware_and_sharding():
     line = hardware.Hardware("cuda", 4, 2, "bf16-mixed").describe(clients_per_round=10, num_clients=100)
     assert line == ("fedlt: accelerator cuda | 4 devices per node x 2 nodes = world size 8 | precision bf16-mixed | "
-                    "cohort of 10 clients sharded over 8 ranks (1-2 each, balanced by local sample counts)")
+                    "cohort of 10 clients sharded over 8 ranks (balanced by local sample counts, every round)")
     one = hardware.Hardware("cpu", 1, 1, "32-true").describe(clients_per_round=50, num_clients=20)
-    assert "world size 1" in one and "cohort of 20 clients sharded over 1 rank (20 each" in one
+    assert "world size 1" in one and one.endswith("cohort of 20 clients sharded over 1 rank (all on this rank)")
 
 
 def test_print_config_shows_auto_and_config_yaml_records_the_resolved_values(tmp_path, capsys):
