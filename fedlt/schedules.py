@@ -20,15 +20,17 @@ and after a kill and resume. ``fedlt fit --help`` lists the classes; in YAML::
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Base class: ``factor(t, total)`` multiplies the base learning rate at index ``t`` (1-based) of ``total``."""
 
+    @abc.abstractmethod
     def factor(self, t: int, total: int) -> float:
-        raise NotImplementedError
+        """The multiplier of the base learning rate at index ``t`` of ``total``."""
 
     def __call__(self, base: float, t: int, total: int) -> float:
         """The scheduled learning rate ``base * factor(t, total)``."""

@@ -178,6 +178,11 @@ def _check_split(module: nn.Module, classifier: nn.Module, head: str, name: str,
     try:
         with torch.no_grad():
             logits = module(x)
+    except Exception as err:  # the user's forward cannot take this data's images: their model, not a fedlt bug
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelSpecError(f"{name}.forward fails on an example batch of this data's images, shape "
+                             f"{tuple(x.shape)} ({type(err).__name__}: {first}); check its input channels and "
+                             "image size against the data") from None
     finally:
         handle.remove()
         module.train(was_training)

@@ -39,3 +39,38 @@ def run(sim: Simulator, rounds: int | None = None) -> list[dict[str, float]]:
 
 def global_copy(sim: Simulator) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in sim.global_state.items()}
+
+
+# A user's network as it would live in their own package: conv features, then a linear classifier called ``fc``
+# (the bring-your-own-model and LightningModule tests import it from a temporary package).
+USER_NET_SOURCE = '''
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A user's network: conv features, then a linear classifier called ``fc``."""
+
+    def __init__(self, num_classes, in_channels, width=8):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                                  nn.Flatten())
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.conv(x))
+'''
+
+
+def user_package(tmp_path, monkeypatch, module: str, source: str) -> None:
+    """Writes ``source`` as the importable module ``module`` in a temporary folder on ``sys.path``."""
+    import textwrap
+
+    root = tmp_path / "user_pkg"
+    path = root.joinpath(*module.split("."))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for parent in path.relative_to(root).parents:
+        if str(parent) != ".":
+            (root / parent / "__init__.py").touch()
+    path.with_suffix(".py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(root))

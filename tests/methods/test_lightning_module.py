@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
-import textwrap
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,35 +13,24 @@ import torch
 
 from fedlt.cli import main
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import USER_NET_SOURCE, user_package  # noqa: E402
+
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
-LIT = '''
-import torch
+LIT = USER_NET_SOURCE + '''
 import torch.nn.functional as F
-from torch import nn
 import lightning.pytorch as L
 
 
-class Net(nn.Module):
-    def __init__(self, num_classes, in_channels, width=8):
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                                  nn.Flatten())
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.conv(x))
-
-
 class LitNet(L.LightningModule):
-    """A researcher's LightningModule: cross-entropy, SGD, logs its accuracy."""
+    """A researcher's LightningModule around TinyNet's layers: cross-entropy, SGD, logs its accuracy."""
 
     def __init__(self, num_classes, in_channels, width=8, lr=0.05):
         super().__init__()
         self.save_hyperparameters()
-        self.conv = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                                  nn.Flatten())
-        self.fc = nn.Linear(4 * width, num_classes)
+        net = TinyNet(num_classes, in_channels, width)  # the same layers, built in the same order
+        self.conv, self.fc = net.conv, net.fc
         self.lr = lr
 
     def forward(self, x):
@@ -81,9 +70,7 @@ class ManualLitNet(LitNet):
 
 @pytest.fixture
 def lit(tmp_path, monkeypatch):
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "mylit.py").write_text(textwrap.dedent(LIT))
-    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    user_package(tmp_path, monkeypatch, "mylit", LIT)
 
 
 def _fit(run: Path, method: str, class_path: str, *extra: str) -> dict:
@@ -98,7 +85,7 @@ def test_a_lightning_module_trains_exactly_as_the_same_network_under_fedlts_own_
     the federated LightningModule gives the same GM and PM accuracy to the last bit as the plain network."""
     # FedProx: the proximal term comes on top of the module's loss, as on top of its own cross-entropy.
     extra = ["--method.init_args.mu", "0.01"] if method == "FedProx" else []
-    plain = _fit(tmp_path / "plain", method, "mylit.Net", *extra)
+    plain = _fit(tmp_path / "plain", method, "mylit.TinyNet", *extra)
     lightning = _fit(tmp_path / "lit", method, "mylit.LitNet", *extra)
     assert {k: v for k, v in lightning.items() if not k.startswith("train/lit_")} == plain
     assert 0.0 < lightning["test/personal/acc_mean"] <= 1.0

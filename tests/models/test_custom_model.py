@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import textwrap
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,25 +12,12 @@ import torch
 from fedlt.cli import main
 from fedlt.models.custom import ModelSpecError, UserModel, build_user_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
+from helpers import USER_NET_SOURCE, user_package  # noqa: E402
+
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 
-NETS = '''
-import torch
-from torch import nn
-
-
-class TinyNet(nn.Module):
-    """A user's network: conv features, then a linear classifier called ``fc``."""
-
-    def __init__(self, num_classes, in_channels, width=8):
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                                  nn.Flatten())
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.conv(x))
-
+NETS = USER_NET_SOURCE + '''
 
 class SoftmaxAfterHead(TinyNet):
     def forward(self, x):
@@ -47,6 +34,11 @@ class UnflattenedHead(nn.Module):
         return self.fc(self.conv(x)).mean((2, 3))
 
 
+class ThreeChannels(TinyNet):
+    def __init__(self, num_classes, in_channels):
+        super().__init__(num_classes, in_channels=3)
+
+
 class NeedsDepth(nn.Module):
     def __init__(self, depth):
         super().__init__()
@@ -55,10 +47,7 @@ class NeedsDepth(nn.Module):
 
 @pytest.fixture
 def nets(tmp_path, monkeypatch):
-    pkg = tmp_path / "pkg" / "mynets"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(textwrap.dedent(NETS))
-    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    user_package(tmp_path, monkeypatch, "mynets", NETS)
     return "mynets"
 
 
@@ -114,6 +103,8 @@ def test_a_built_in_model_through_class_path_trains_exactly_as_its_short_form(tm
     (["--model.class_path", "mynets.SoftmaxAfterHead"], "changes the output after model.head 'fc'"),
     (["--model.class_path", "mynets.UnflattenedHead"], "receives a tensor of shape (2, 4, 16, 16)"),
     (["--model.class_path", "mynets.NeedsDepth"], "needs 'depth'; set model.init_args.depth"),
+    (["--model.class_path", "mynets.ThreeChannels"], "ThreeChannels.forward fails on an example batch of this "
+                                                     "data's images, shape (2, 1, 16, 16) (RuntimeError"),
     (["--model.class_path", "mynets.Missing"], "module 'mynets' has no 'Missing'"),
     (["--model.class_path", "nosuchpkg.Net"], "cannot import 'nosuchpkg'"),
     (["--model.class_path", "json.JSONDecoder"], "is not a torch.nn.Module subclass"),
