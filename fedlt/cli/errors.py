@@ -34,9 +34,18 @@ def _kind_words(kind: str) -> str:
     return _KIND_WORDS.get(kind, kind)
 
 
+# Public names that were renamed: a config that still uses the old one gets the new one in its error message.
+RENAMED = {"EmbeddedDigitsDG": "EmbeddedDigitDomains"}
+_DOTTED_VALUE = re.compile(r"Expected a dot import path string: (\S+)")
+
+
 def usage_message(message: str) -> str:
     """The one-line form of a usage error (a jsonargparse message shortened to what the user must change)."""
     text = " ".join(str(message).split())
+    given = _DOTTED_VALUE.search(text)
+    old = given.group(1).strip("'\",").rsplit(".", 1)[-1] if given else ""
+    if old in RENAMED:
+        return f"{text}. {old} was renamed to {RENAMED[old]} (see CHANGELOG.md); use class_path: {RENAMED[old]}"
     if text.startswith('Parser key "method') and "Problem with given class_path" not in text:
         m = _METHOD_VALUE.search(text)
         given = m.group(1).strip("'\",") if m else "?"

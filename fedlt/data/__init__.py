@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedlt.data.digits_dg import EmbeddedDigitsDG
+from fedlt.data.digit_domains import EmbeddedDigitDomains
 from fedlt.data.domain_sources import PACS, DigitsDG, MiniDomainNet, OfficeHome
 from fedlt.data.domains import DOMAIN_LAYOUTS, DomainData, DomainSource, DomainSplit, leave_one_domain_out
 from fedlt.data.equal_partition import (
@@ -89,7 +89,7 @@ __all__ = [
     "DomainData",
     "DomainSource",
     "DomainSplit",
-    "EmbeddedDigitsDG",
+    "EmbeddedDigitDomains",
     "ImageAugment",
     "MiniDomainNet",
     "OfficeHome",

@@ -43,7 +43,7 @@ power-iteration steps (10), auxiliary-head weights 0.05 / 0.001 (DGviaER code).
 
 Deliberate choices and deviations (all arguments):
 * ``class_sam_reduction="mean"``: the class-wise term is (1/G) sum_g gamma_g L_g over the G class groups of the
-  batch. The literal sum (``sum``) multiplies the effective learning rate by G: on digits_dg it diverged to a
+  batch. The literal sum (``sum``) multiplies the effective learning rate by G: on digit_domains it diverged to a
   constant predictor at every learning rate that trains FedAvg.
 * The federated adversarial term (``adv_source="shared_stats"``, the default; ambiguity A-T3). With one source
   domain per client (layout (i), the paper's setting) a discriminator trained on local features alone sees a

@@ -14,7 +14,7 @@ from fedlt.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 PACS = str(ROOT / "configs" / "fedtail_pacs.yaml")
-DIGITS_DG = str(ROOT / "configs" / "fedtail_digits_dg.yaml")
+DIGIT_DOMAINS = str(ROOT / "configs" / "fedtail_digit_domains.yaml")
 sys.path.insert(0, str(ROOT / "tests" / "data"))
 from fake_domains import write_fake_pacs  # noqa: E402
 
@@ -52,7 +52,7 @@ def test_flagship_runs_one_round_on_a_fake_pacs_tree(tmp_path, monkeypatch, caps
 
 def test_target_domain_all_reports_every_target_and_the_mean(tmp_path, capsys):
     run = tmp_path / "all"
-    code = main(["fit", "--config", DIGITS_DG, "--method", "FedAvg", "--data.target_domain", "all",
+    code = main(["fit", "--config", DIGIT_DOMAINS, "--method", "FedAvg", "--data.target_domain", "all",
                  "--data.source.init_args.per_class", "20", "--data.source.init_args.val_per_class", "4",
                  "--data.source.init_args.image_size", "16", "--trainer.rounds", "1", "--run_dir", str(run), *QUIET])
     out = capsys.readouterr().out
@@ -72,7 +72,7 @@ def test_target_domain_all_reports_every_target_and_the_mean(tmp_path, capsys):
 
 def test_target_all_is_expanded_only_by_fit(capsys):
     # partition builds one dataset: 'all' is refused there with a pointer to `fedlt fit`, exit 2, no traceback.
-    assert main(["partition", "--config", DIGITS_DG, "--data.target_domain", "all"]) == 2
+    assert main(["partition", "--config", DIGIT_DOMAINS, "--data.target_domain", "all"]) == 2
     err = capsys.readouterr().err
     assert "target_domain 'all'" in err and "fedlt fit" in err and "plain" in err and "Traceback" not in err
 
@@ -115,25 +115,33 @@ def test_flagship_without_pretrained_weights_explains_how_to_provide_them(tmp_pa
 
 @pytest.mark.parametrize("args, needle", [
     (["--data.domain_layout", "ring"], "unknown domain_layout 'ring'; valid: per_domain, clients_per_domain"),
-    (["--data.target_domain", "mars"], "unknown target_domain 'mars' for digits_dg; valid: plain, textured"),
+    (["--data.target_domain", "mars"], "unknown target_domain 'mars' for digit_domains; valid: plain, textured"),
     (["--method.init_args.qt", "oracle"],
      "unknown qt 'oracle'; valid: domain_heads, global_teacher, momentum_teacher (in FedTAIL"),
 ])
 def test_bad_domain_settings_exit_2_with_one_line(tmp_path, capsys, args, needle):
-    assert main(["fit", "--config", DIGITS_DG, "--run_dir", str(tmp_path), *args, *QUIET]) == 2
+    assert main(["fit", "--config", DIGIT_DOMAINS, "--run_dir", str(tmp_path), *args, *QUIET]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Namespace(" not in err and "Traceback" not in err
 
 
+def test_a_config_with_the_old_embedded_source_name_names_the_new_one(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text(Path(DIGIT_DOMAINS).read_text().replace("EmbeddedDigitDomains", "EmbeddedDigitsDG"))
+    assert main(["partition", "--config", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert "EmbeddedDigitsDG was renamed to EmbeddedDigitDomains" in err and "Traceback" not in err
+
+
 def test_flagship_configs_run_every_fedtail_component(tmp_path, recwarn):
-    """Both FedTAIL configs switch every component on; on digits_dg (one client per source domain) round 2 trains
+    """Both FedTAIL configs switch every component on; on digit_domains (one client per source domain) round 2 trains
     the adversarial and coherence terms against the shared feature moments, without a warning."""
-    for path in (PACS, DIGITS_DG):
+    for path in (PACS, DIGIT_DOMAINS):
         args = yaml.safe_load(Path(path).read_text())["method"]["init_args"]
         assert args["class_sam"] is True and args["er_weight"] > 0 and args["adversarial"] == "on"
         assert args["adv_source"] == "shared_stats" and args.get("coherence_alpha", 0.1) > 0
     run = tmp_path / "dg"
-    code = main(["fit", "--config", DIGITS_DG, "--data.source.init_args.per_class", "20",
+    code = main(["fit", "--config", DIGIT_DOMAINS, "--data.source.init_args.per_class", "20",
                  "--data.source.init_args.val_per_class", "4", "--data.source.init_args.image_size", "16",
                  "--method.init_args.hessian_iters", "2", "--trainer.rounds", "2", "--trainer.eval_every", "2",
                  "--run_dir", str(run), *QUIET])

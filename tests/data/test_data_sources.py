@@ -32,7 +32,7 @@ def default_digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[EmbeddedDi
 
 
 def test_registry() -> None:
-    assert SOURCES.names() == ["cifar10", "cifar100", "digits", "digits_dg", "digitsdg", "fashionmnist",
+    assert SOURCES.names() == ["cifar10", "cifar100", "digit_domains", "digits", "digitsdg", "fashionmnist",
                                "imagenet_lt", "minidomainnet", "mnist", "officehome", "pacs", "places_lt"]
     assert SOURCES.get("digits") is EmbeddedDigits
 

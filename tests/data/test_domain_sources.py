@@ -97,7 +97,7 @@ def test_pacs_kfold_without_splits(tmp_path: Path) -> None:
 
 
 def test_digitsdg(tmp_path: Path) -> None:
-    root = write_fake_digitsdg(tmp_path / "digits_dg", per_class=2)
+    root = write_fake_digitsdg(tmp_path / "digitsdg", per_class=2)
     data = DigitsDG(str(root), cache_dir=str(tmp_path / "cache"), num_workers=0).load()
     _check_common(data, 4 * 2 * 10 * 2, 32, DIGITS_DOMAINS)
     assert data.class_names == [str(c) for c in range(10)]
@@ -254,7 +254,7 @@ def test_pacs_incomplete_split_files(tmp_path: Path) -> None:
 
 
 def test_digitsdg_missing_val_folder(tmp_path: Path) -> None:
-    root = write_fake_digitsdg(tmp_path / "digits_dg")
+    root = write_fake_digitsdg(tmp_path / "digitsdg")
     shutil.rmtree(root / "svhn" / "val")
     _expect_missing(DigitsDG(str(root), cache_dir=str(tmp_path / "cache")), str(root / "svhn" / "val"))
     write_fake_digitsdg(root)

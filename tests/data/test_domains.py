@@ -1,6 +1,6 @@
 """Leave-one-domain-out (docs/reference.md 1.8): ``leave_one_domain_out`` on hand-made domain data whose every image
 has a file name encoding its domain, and ``FederatedDataset`` on multi-domain sources (a fake source whose pixels encode
-the image index, and the embedded digits_dg)."""
+the image index, and the embedded digit_domains)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlt.data import EmbeddedDigits, EmbeddedDigitsDG, FederatedDataset
+from fedlt.data import EmbeddedDigitDomains, EmbeddedDigits, FederatedDataset
 from fedlt.data.domains import (
     DOMAIN_LAYOUTS,
     SPLIT_TEST,
@@ -252,16 +252,16 @@ def test_federated_dataset_never_trains_or_validates_on_the_target(layout, kwarg
     assert counts[:, t].sum() == 0
 
 
-# -- FederatedDataset on the embedded digits_dg ------------------------------------------------------------------------
+# -- FederatedDataset on the embedded digit_domains --------------------------------------------------------------------
 def dg(target: str = "textured", **kwargs) -> FederatedDataset:
     kwargs.setdefault("imbalance_factor", 1)
-    return FederatedDataset(EmbeddedDigitsDG(**DG), target_domain=target, augment=False, **kwargs)
+    return FederatedDataset(EmbeddedDigitDomains(**DG), target_domain=target, augment=False, **kwargs)
 
 
 def test_get_batch_returns_images_labels_and_domain_ids():
     data = dg("textured")
     data.setup("cpu")
-    raw = EmbeddedDigitsDG(**DG).load()
+    raw = EmbeddedDigitDomains(**DG).load()
     mean = torch.tensor(raw.mean).view(1, 3, 1, 1)
     std = torch.tensor(raw.std).view(1, 3, 1, 1)
     source_ids = {0, 2, 3}
@@ -324,10 +324,10 @@ def test_imbalance_factor_subsamples_every_source_domain_with_class_0_as_head():
 def test_target_domain_errors():
     valid = "plain, textured, inverted, thick, all"
     with pytest.raises(ValueError, match=f"set data.target_domain to one of {valid}"):
-        FederatedDataset(EmbeddedDigitsDG(**DG))
-    with pytest.raises(ValueError, match=f"unknown target_domain 'mnist' for digits_dg; valid: {valid}"):
-        FederatedDataset(EmbeddedDigitsDG(**DG), target_domain="mnist")
-    data = FederatedDataset(EmbeddedDigitsDG(**DG), target_domain="all")
+        FederatedDataset(EmbeddedDigitDomains(**DG))
+    with pytest.raises(ValueError, match=f"unknown target_domain 'mnist' for digit_domains; valid: {valid}"):
+        FederatedDataset(EmbeddedDigitDomains(**DG), target_domain="mnist")
+    data = FederatedDataset(EmbeddedDigitDomains(**DG), target_domain="all")
     with pytest.raises(ValueError, match="`fedlt fit`"):
         data.setup("cpu")
     assert not data.is_setup
@@ -335,4 +335,4 @@ def test_target_domain_errors():
         FederatedDataset(EmbeddedDigits(image_size=16, train_per_class=20, test_per_class=5, holdout_per_class=5),
                          target_domain="plain")
     with pytest.raises(ValueError, match="unknown domain_layout 'star'"):
-        FederatedDataset(EmbeddedDigitsDG(**DG), target_domain="plain", domain_layout="star")
+        FederatedDataset(EmbeddedDigitDomains(**DG), target_domain="plain", domain_layout="star")

@@ -205,9 +205,9 @@ def test_multi_domain_data_uses_the_source_domain_validation_split():
     """Domain data (batches carry domain ids): the gaps are measured on data.val / data.client_val_indices."""
     import fedlt.data as dg
 
-    if not hasattr(dg, "EmbeddedDigitsDG"):
+    if not hasattr(dg, "EmbeddedDigitDomains"):
         pytest.skip("no multi-domain source in this tree")
-    source = dg.EmbeddedDigitsDG(image_size=16, per_class=20, val_per_class=5)
+    source = dg.EmbeddedDigitDomains(image_size=16, per_class=20, val_per_class=5)
     data = FederatedDataset(source, target_domain=source.domains[1], imbalance_factor=1)
     data.setup("cpu")
     torch.manual_seed(0)

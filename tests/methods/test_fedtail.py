@@ -4,7 +4,7 @@
 2. power iteration against explicit Hessians, gamma_c monotone and normalised;
 3. ||eps_c|| = rho; a single-class batch gives gamma = 1 and the class-wise step is a standard SAM step; rho = 0 is
    plain SGD on the summed losses; the class-wise step by hand on a multi-class batch;
-4. leave-one-domain-out evaluation on the embedded digits_dg (the data side is tests/data/test_domains.py);
+4. leave-one-domain-out evaluation on the embedded digit_domains (the data side is tests/data/test_domains.py);
 plus the per-domain head reducer, ``adversarial="auto"``, the GRL / coherence wiring by hand, the global-teacher KL
 and a DGviaER smoke run.
 """
@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 import fedlt.methods.fedtail as fedtail_module
 from fedlt.cli import build, make_experiment
-from fedlt.data import EmbeddedDigitsDG, FederatedDataset
+from fedlt.data import EmbeddedDigitDomains, FederatedDataset
 from fedlt.data.domains import SPLIT_TRAIN
 from fedlt.engine.simulator import Simulator
 from fedlt.methods import METHODS
@@ -54,12 +54,12 @@ def tensor_sim(method: FedTAIL, counts: list[int], hidden: int = 6, seed: int = 
 
 
 def dg_data(target: str = "thick", layout: str = "per_domain", **kwargs) -> FederatedDataset:
-    return FederatedDataset(EmbeddedDigitsDG(**DG), target_domain=target, domain_layout=layout, imbalance_factor=1,
+    return FederatedDataset(EmbeddedDigitDomains(**DG), target_domain=target, domain_layout=layout, imbalance_factor=1,
                             augment=False, **kwargs)
 
 
 def dg_sim(method: FedTAIL, hidden: int = 8, quiet: bool = True, **data_kwargs) -> Simulator:
-    """A simulator on the tiny embedded digits_dg with an MLP (no BatchNorm, no dropout)."""
+    """A simulator on the tiny embedded digit_domains with an MLP (no BatchNorm, no dropout)."""
     data = dg_data(**data_kwargs)
     data.setup("cpu")
     torch.manual_seed(0)
@@ -425,12 +425,12 @@ def test_rho_zero_is_plain_sgd_on_the_summed_losses(counts):
 
 # -- invariant 4: leave-one-domain-out evaluation ---------------------------------------------------------------------
 def _dg_yaml(tmp_path: Path, layout: str, target: str = "thick") -> str:
-    path = tmp_path / "digits_dg_tiny.yaml"
+    path = tmp_path / "digit_domains_tiny.yaml"
     path.write_text(f"""
 seed: 0
 data:
   source:
-    class_path: EmbeddedDigitsDG
+    class_path: EmbeddedDigitDomains
     init_args: {{image_size: 16, per_class: 30, val_per_class: 5}}
   target_domain: {target}
   domain_layout: {layout}
@@ -459,7 +459,7 @@ def test_target_domain_metrics_cover_every_target_image(tmp_path):
     sim.run_round(1)
     metrics = sim.evaluate()
     # Independently: the global model on every image of the target domain, normalised from the raw source.
-    raw = EmbeddedDigitsDG(**DG).load()
+    raw = EmbeddedDigitDomains(**DG).load()
     mean = torch.tensor(raw.mean).view(1, 3, 1, 1)
     std = torch.tensor(raw.std).view(1, 3, 1, 1)
     net = copy.deepcopy(sim.model)

@@ -1,4 +1,4 @@
-"""Tests of fedlt.data.digits_dg: the embedded four-domain digits (deterministic, cached, distinct, legible)."""
+"""Tests of fedlt.data.digit_domains: the embedded four-domain digits (deterministic, cached, distinct, legible)."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import fedlt.data.digits_dg as digits_dg_module
-from fedlt.data.digits_dg import (
-    DIGITS_DG_DOMAINS,
-    DIGITS_DG_VERSION,
-    EmbeddedDigitsDG,
+import fedlt.data.digit_domains as digit_domains_module
+from fedlt.data.digit_domains import (
+    DIGIT_DOMAIN_NAMES,
+    DIGIT_DOMAINS_VERSION,
+    EmbeddedDigitDomains,
     _domain_plan,
-    build_digits_dg,
-    digits_dg_class_counts,
-    digits_dg_pools,
+    build_digit_domains,
+    digit_domains_class_counts,
+    digit_domains_pools,
 )
 from fedlt.data.domains import SPLIT_TRAIN, SPLIT_VAL, DomainData, DomainSource
 from fedlt.data.sources import SOURCES, channel_stats
@@ -29,8 +29,8 @@ _IF10_COUNTS = [100, 77, 59, 46, 35, 27, 21, 16, 12, 10]
 
 
 @pytest.fixture(scope="module")
-def default_dg(tmp_path_factory: pytest.TempPathFactory) -> tuple[EmbeddedDigitsDG, DomainData, float]:
-    source = EmbeddedDigitsDG(root=str(tmp_path_factory.mktemp("digits_dg_cache")))
+def default_dg(tmp_path_factory: pytest.TempPathFactory) -> tuple[EmbeddedDigitDomains, DomainData, float]:
+    source = EmbeddedDigitDomains(root=str(tmp_path_factory.mktemp("digit_domains_cache")))
     start = time.perf_counter()
     data = source.load()
     return source, data, time.perf_counter() - start
@@ -44,21 +44,21 @@ def _counts(data: DomainData, split: int | None = None) -> np.ndarray:
 
 
 def test_registry_and_class_attributes() -> None:
-    assert SOURCES.get("digits_dg") is EmbeddedDigitsDG
-    assert issubclass(EmbeddedDigitsDG, DomainSource)
-    assert EmbeddedDigitsDG.name == "digits_dg"
-    assert EmbeddedDigitsDG.domains == ("plain", "textured", "inverted", "thick") == DIGITS_DG_DOMAINS
-    assert EmbeddedDigitsDG.augment.crop_padding == 2 and not EmbeddedDigitsDG.augment.hflip
+    assert SOURCES.get("digit_domains") is EmbeddedDigitDomains
+    assert issubclass(EmbeddedDigitDomains, DomainSource)
+    assert EmbeddedDigitDomains.name == "digit_domains"
+    assert EmbeddedDigitDomains.domains == ("plain", "textured", "inverted", "thick") == DIGIT_DOMAIN_NAMES
+    assert EmbeddedDigitDomains.augment.crop_padding == 2 and not EmbeddedDigitDomains.augment.hflip
 
 
-def test_default_shapes_dtypes_and_order(default_dg: tuple[EmbeddedDigitsDG, DomainData, float]) -> None:
+def test_default_shapes_dtypes_and_order(default_dg: tuple[EmbeddedDigitDomains, DomainData, float]) -> None:
     source, data, seconds = default_dg
-    print(f"EmbeddedDigitsDG default build (cold): {seconds:.2f} s, synthesis {source.last_build_s:.2f} s")
+    print(f"EmbeddedDigitDomains default build (cold): {seconds:.2f} s, synthesis {source.last_build_s:.2f} s")
     assert data.x.shape == (8000, 3, 32, 32) and data.x.dtype == torch.uint8
     for t in (data.y, data.domain, data.split):
         assert t.shape == (8000,) and t.dtype == torch.int64
     assert int(data.x.min()) == 0 and int(data.x.max()) == 255
-    assert data.domains == list(DIGITS_DG_DOMAINS)
+    assert data.domains == list(DIGIT_DOMAIN_NAMES)
     assert data.num_classes == 10 and data.class_names == [str(c) for c in range(10)]
     assert data.files == []
     mean, std = channel_stats(data.x)
@@ -71,7 +71,7 @@ def test_default_shapes_dtypes_and_order(default_dg: tuple[EmbeddedDigitsDG, Dom
         assert torch.unique(data.x[(data.domain == d) & (data.y == 3)].flatten(1), dim=0).shape[0] == 200
 
 
-def test_domain_looks(default_dg: tuple[EmbeddedDigitsDG, DomainData, float]) -> None:
+def test_domain_looks(default_dg: tuple[EmbeddedDigitDomains, DomainData, float]) -> None:
     _, data, _ = default_dg
     x = data.x.float() / 255.0
     plain, textured, inverted, thick = (x[data.domain == d] for d in range(4))
@@ -85,20 +85,20 @@ def test_domain_looks(default_dg: tuple[EmbeddedDigitsDG, DomainData, float]) ->
 
 
 def test_cache_round_trip(
-    default_dg: tuple[EmbeddedDigitsDG, DomainData, float], monkeypatch: pytest.MonkeyPatch
+    default_dg: tuple[EmbeddedDigitDomains, DomainData, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     source, data, _ = default_dg
     assert source.cache_path.exists()
-    assert source.cache_path.name == f"digits_dg-32-200-20-if1.0-shared-s0-v{DIGITS_DG_VERSION}.pt"
+    assert source.cache_path.name == f"digit_domains-32-200-20-if1.0-shared-s0-v{DIGIT_DOMAINS_VERSION}.pt"
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cache should have been read")
 
-    monkeypatch.setattr(digits_dg_module, "build_digits_dg", fail)
-    again = EmbeddedDigitsDG(root=source.root)
+    monkeypatch.setattr(digit_domains_module, "build_digit_domains", fail)
+    again = EmbeddedDigitDomains(root=source.root)
     start = time.perf_counter()
     cached = again.load()
-    print(f"EmbeddedDigitsDG cached load: {time.perf_counter() - start:.3f} s")
+    print(f"EmbeddedDigitDomains cached load: {time.perf_counter() - start:.3f} s")
     assert again.last_build_s is None
     for name in ("x", "y", "domain", "split"):
         assert torch.equal(getattr(cached, name), getattr(data, name))
@@ -108,16 +108,16 @@ def test_cache_round_trip(
 
 def test_cache_name_holds_every_parameter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDLT_CACHE", str(tmp_path))
-    source = EmbeddedDigitsDG(
+    source = EmbeddedDigitDomains(
         image_size=16, per_class=50, val_per_class=5, imbalance_factor=10, imbalance_order="per_domain", seed=2
     )
-    assert source.cache_path == tmp_path / f"digits_dg-16-50-5-if10.0-per_domain-s2-v{DIGITS_DG_VERSION}.pt"
+    assert source.cache_path == tmp_path / f"digit_domains-16-50-5-if10.0-per_domain-s2-v{DIGIT_DOMAINS_VERSION}.pt"
 
 
 def test_two_builds_bit_identical() -> None:
     params = {"image_size": 16, "per_class": 30, "val_per_class": 5, "seed": 3}
-    a, b = build_digits_dg(**params), build_digits_dg(**params)
-    c = build_digits_dg(**{**params, "seed": 4})
+    a, b = build_digit_domains(**params), build_digit_domains(**params)
+    c = build_digit_domains(**{**params, "seed": 4})
     for name in ("x", "y", "domain", "split"):
         assert torch.equal(a[name], b[name])
     assert a["x"].shape == (1200, 3, 16, 16)
@@ -126,7 +126,7 @@ def test_two_builds_bit_identical() -> None:
         assert not torch.equal(a["x"][a["domain"] == d], c["x"][c["domain"] == d])
 
 
-def test_balanced_splits(default_dg: tuple[EmbeddedDigitsDG, DomainData, float]) -> None:
+def test_balanced_splits(default_dg: tuple[EmbeddedDigitDomains, DomainData, float]) -> None:
     _, data, _ = default_dg
     assert set(data.split.unique().tolist()) == {SPLIT_TRAIN, SPLIT_VAL}
     assert (_counts(data) == 200).all()
@@ -138,7 +138,7 @@ def test_balanced_splits(default_dg: tuple[EmbeddedDigitsDG, DomainData, float])
 
 
 def test_shared_imbalance_counts(tmp_path: Path) -> None:
-    data = EmbeddedDigitsDG(
+    data = EmbeddedDigitDomains(
         root=str(tmp_path), image_size=8, per_class=100, val_per_class=5, imbalance_factor=10.0
     ).load()
     assert _counts(data).tolist() == [_IF10_COUNTS] * 4
@@ -154,30 +154,30 @@ def test_shared_imbalance_counts(tmp_path: Path) -> None:
 
 def test_per_domain_imbalance_counts(tmp_path: Path) -> None:
     kwargs = {"per_class": 100, "val_per_class": 5, "imbalance_factor": 10.0, "imbalance_order": "per_domain"}
-    data = EmbeddedDigitsDG(root=str(tmp_path), image_size=8, seed=1, **kwargs).load()
+    data = EmbeddedDigitDomains(root=str(tmp_path), image_size=8, seed=1, **kwargs).load()
     counts = _counts(data)
-    assert counts.tolist() == digits_dg_class_counts(seed=1, **kwargs).tolist()
+    assert counts.tolist() == digit_domains_class_counts(seed=1, **kwargs).tolist()
     for d in range(4):
         assert sorted(counts[d].tolist(), reverse=True) == _IF10_COUNTS
     assert len({int(np.argmax(row)) for row in counts}) > 1  # the head class differs by domain
     assert (_counts(data, SPLIT_VAL) == 5).all()
     # Seeded: same seed, same orders; another seed, other orders.
-    assert np.array_equal(digits_dg_class_counts(seed=1, **kwargs), digits_dg_class_counts(seed=1, **kwargs))
-    assert not np.array_equal(digits_dg_class_counts(seed=2, **kwargs), counts)
+    assert np.array_equal(digit_domains_class_counts(seed=1, **kwargs), digit_domains_class_counts(seed=1, **kwargs))
+    assert not np.array_equal(digit_domains_class_counts(seed=2, **kwargs), counts)
 
 
 def test_imbalance_keeps_a_training_image_per_class() -> None:
-    counts = digits_dg_class_counts(per_class=20, val_per_class=5, imbalance_factor=100.0)
+    counts = digit_domains_class_counts(per_class=20, val_per_class=5, imbalance_factor=100.0)
     # floor(20 * 100^(-r/9)) drops below val_per_class + 1 = 6 from r = 3 on.
     assert counts[0].tolist() == [20, 11, 7, 6, 6, 6, 6, 6, 6, 6]
-    assert (digits_dg_class_counts(per_class=7, val_per_class=0) == 7).all()
+    assert (digit_domains_class_counts(per_class=7, val_per_class=0) == 7).all()
 
 
 def test_glyph_pools_disjoint() -> None:
     from sklearn.datasets import load_digits
 
     targets = np.asarray(load_digits().target)
-    pools = digits_dg_pools(targets, seed=0)
+    pools = digit_domains_pools(targets, seed=0)
     assert len(pools) == 4
     for i in range(4):
         for j in range(i + 1, 4):
@@ -185,10 +185,10 @@ def test_glyph_pools_disjoint() -> None:
     assert np.array_equal(np.sort(np.concatenate(pools)), np.arange(targets.size))
     per_class = np.stack([np.bincount(targets[p], minlength=10) for p in pools])
     assert (per_class.max(0) - per_class.min(0) <= 1).all() and per_class.min() >= 40
-    assert not np.array_equal(digits_dg_pools(targets, seed=1)[0], pools[0])
-    assert all(np.array_equal(a, b) for a, b in zip(digits_dg_pools(targets, seed=0), pools))
+    assert not np.array_equal(digit_domains_pools(targets, seed=1)[0], pools[0])
+    assert all(np.array_equal(a, b) for a, b in zip(digit_domains_pools(targets, seed=0), pools))
     # The builder draws each domain's glyphs from its own pool only.
-    counts = digits_dg_class_counts(per_class=200)
+    counts = digit_domains_class_counts(per_class=200)
     for d, pool in enumerate(pools):
         plan = _domain_plan(pool, targets, counts[d])
         assert np.isin(plan, pool).all()
@@ -204,7 +204,7 @@ def _colour_stats(x: Tensor) -> np.ndarray:
     return torch.cat([x.mean((2, 3)), x.std((2, 3)), x[:, :, border].std(2), sat[:, None]], 1).numpy()
 
 
-def test_domains_distinct(default_dg: tuple[EmbeddedDigitsDG, DomainData, float]) -> None:
+def test_domains_distinct(default_dg: tuple[EmbeddedDigitDomains, DomainData, float]) -> None:
     _, data, _ = default_dg
     f, d = _colour_stats(data.x), data.domain.numpy()
     perm = np.random.default_rng(0).permutation(len(d))
@@ -239,12 +239,12 @@ def _digit_features(x: Tensor) -> np.ndarray:
     return F.avg_pool2d(s, 2).flatten(1).numpy()
 
 
-def test_digits_legible_per_domain(default_dg: tuple[EmbeddedDigitsDG, DomainData, float]) -> None:
+def test_digits_legible_per_domain(default_dg: tuple[EmbeddedDigitDomains, DomainData, float]) -> None:
     from sklearn.linear_model import LogisticRegression
 
     _, data, _ = default_dg
     rng = np.random.default_rng(0)
-    for d, name in enumerate(DIGITS_DG_DOMAINS):
+    for d, name in enumerate(DIGIT_DOMAIN_NAMES):
         idx = rng.permutation(np.flatnonzero(data.domain.numpy() == d))
         cut = int(0.6 * idx.size)
         feats, y = _digit_features(data.x[idx]), data.y.numpy()[idx]
@@ -268,6 +268,6 @@ def test_digits_legible_per_domain(default_dg: tuple[EmbeddedDigitsDG, DomainDat
 )
 def test_invalid_arguments(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        EmbeddedDigitsDG(**kwargs)  # type: ignore[arg-type]
+        EmbeddedDigitDomains(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=match):
-        build_digits_dg(**kwargs)  # type: ignore[arg-type]
+        build_digit_domains(**kwargs)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""An embedded, offline four-domain digits dataset for domain generalization (``digits_dg``).
+"""An embedded, offline four-domain digits dataset for domain generalization (``digit_domains``).
 
 Like :mod:`fedlt.data.digits`, the images are synthesised deterministically from the 1,797 real 8x8 digits bundled
 with scikit-learn (no download), but rendered in four visually distinct styles that mimic the Digits-DG domains:
@@ -11,8 +11,8 @@ with scikit-learn (no download), but rendered in four visually distinct styles t
 * ``thick``: thick (dilated by a low threshold of the soft glyph), crisp, more strongly rotated (up to +-40 deg)
   strokes in one flat colour on a flat contrasting colour (SYN-like).
 
-Each domain draws its glyphs from its own disjoint pool of real digits (:func:`digits_dg_pools`), so a held-out
-target domain has unseen writers. Classes can be naturally imbalanced per domain (:func:`digits_dg_class_counts`).
+Each domain draws its glyphs from its own disjoint pool of real digits (:func:`digit_domains_pools`), so a held-out
+target domain has unseen writers. Classes can be naturally imbalanced per domain (:func:`digit_domains_class_counts`).
 All randomness comes from explicitly seeded generators (one per domain) and the work runs in fixed-size chunks,
 so a build is bit-identical for the same arguments.
 """
@@ -33,19 +33,19 @@ from fedlt.data.sources import SOURCES, channel_stats, default_cache_dir, load_o
 from fedlt.data.transforms import TensorAugment
 
 __all__ = [
-    "DIGITS_DG_DOMAINS",
-    "DIGITS_DG_VERSION",
+    "DIGIT_DOMAIN_NAMES",
+    "DIGIT_DOMAINS_VERSION",
     "IMBALANCE_ORDERS",
-    "EmbeddedDigitsDG",
-    "build_digits_dg",
-    "digits_dg_class_counts",
-    "digits_dg_pools",
+    "EmbeddedDigitDomains",
+    "build_digit_domains",
+    "digit_domains_class_counts",
+    "digit_domains_pools",
 ]
 
-DIGITS_DG_VERSION = 1
+DIGIT_DOMAINS_VERSION = 1
 """Bumped whenever the synthesis changes, so stale cache files are never reused."""
 
-DIGITS_DG_DOMAINS = ("plain", "textured", "inverted", "thick")
+DIGIT_DOMAIN_NAMES = ("plain", "textured", "inverted", "thick")
 """Domain names, in the order of the domain ids."""
 
 IMBALANCE_ORDERS = ("shared", "per_domain")
@@ -67,7 +67,7 @@ def _check_args(image_size: int, per_class: int, val_per_class: int, imbalance_f
         raise ValueError(f"unknown imbalance_order {order!r}; valid orders: {', '.join(IMBALANCE_ORDERS)}")
 
 
-def digits_dg_pools(targets: np.ndarray, seed: int, num_domains: int = len(DIGITS_DG_DOMAINS)) -> list[np.ndarray]:
+def digit_domains_pools(targets: np.ndarray, seed: int, num_domains: int = len(DIGIT_DOMAIN_NAMES)) -> list[np.ndarray]:
     """Splits the real digit images per class into disjoint, seeded glyph pools, one per domain.
 
     Args:
@@ -94,13 +94,13 @@ def digits_dg_pools(targets: np.ndarray, seed: int, num_domains: int = len(DIGIT
     return [np.sort(np.concatenate(p)).astype(np.int64) for p in pools]
 
 
-def digits_dg_class_counts(
+def digit_domains_class_counts(
     per_class: int,
     val_per_class: int = 20,
     imbalance_factor: float = 1.0,
     imbalance_order: str = "shared",
     seed: int = 0,
-    num_domains: int = len(DIGITS_DG_DOMAINS),
+    num_domains: int = len(DIGIT_DOMAIN_NAMES),
 ) -> np.ndarray:
     """Images per (domain, class): ``floor(per_class * IF^(-r(c) / (C - 1)))``, at least ``val_per_class + 1``.
 
@@ -232,7 +232,7 @@ def _render_thick(base: Tensor, g: torch.Generator) -> Tensor:
 _RENDERERS = (_render_plain, _render_textured, _render_inverted, _render_thick)
 
 
-def build_digits_dg(
+def build_digit_domains(
     image_size: int = 32,
     per_class: int = 200,
     val_per_class: int = 20,
@@ -240,7 +240,7 @@ def build_digits_dg(
     imbalance_order: str = "shared",
     seed: int = 0,
 ) -> dict[str, Tensor]:
-    """Builds the four-domain digits dataset (no caching; see ``EmbeddedDigitsDG``).
+    """Builds the four-domain digits dataset (no caching; see ``EmbeddedDigitDomains``).
 
     Args:
         image_size: side of the square output images.
@@ -262,9 +262,10 @@ def build_digits_dg(
     digits = load_digits()
     images, targets = np.asarray(digits.images), np.asarray(digits.target, dtype=np.int64)
     base = base_images(images, image_size)
-    pools = digits_dg_pools(targets, seed)
-    counts = digits_dg_class_counts(per_class, val_per_class, imbalance_factor, imbalance_order, seed)
-    seeds = np.random.SeedSequence([seed, DIGITS_DG_VERSION]).generate_state(len(DIGITS_DG_DOMAINS), dtype=np.uint64)
+    pools = digit_domains_pools(targets, seed)
+    counts = digit_domains_class_counts(per_class, val_per_class, imbalance_factor, imbalance_order, seed)
+    seeds = np.random.SeedSequence([seed, DIGIT_DOMAINS_VERSION]).generate_state(len(DIGIT_DOMAIN_NAMES),
+                                                                                 dtype=np.uint64)
     xs, ys, domains, splits = [], [], [], []
     for d, render in enumerate(_RENDERERS):
         plan = _domain_plan(pools[d], targets, counts[d])
@@ -283,8 +284,8 @@ def build_digits_dg(
     }
 
 
-@SOURCES.register("digits_dg")
-class EmbeddedDigitsDG(DomainSource):
+@SOURCES.register("digit_domains")
+class EmbeddedDigitDomains(DomainSource):
     """Four-domain digits (plain, textured, inverted, thick) synthesised offline from scikit-learn's 8x8 digits.
 
     A Digits-DG stand-in that needs no download: deterministic, cached, 3-channel. The domains differ strongly in
@@ -301,8 +302,8 @@ class EmbeddedDigitsDG(DomainSource):
         seed: seed of the glyph pools, the class orders and the synthesis.
     """
 
-    name = "digits_dg"
-    domains = DIGITS_DG_DOMAINS
+    name = "digit_domains"
+    domains = DIGIT_DOMAIN_NAMES
     augment = TensorAugment(crop_padding=2, hflip=False)
 
     def __init__(
@@ -333,13 +334,13 @@ class EmbeddedDigitsDG(DomainSource):
             f"{self.image_size}-{self.per_class}-{self.val_per_class}-if{self.imbalance_factor!r}-"
             f"{self.imbalance_order}"
         )
-        return root / f"digits_dg-{params}-s{self.seed}-v{DIGITS_DG_VERSION}.pt"
+        return root / f"digit_domains-{params}-s{self.seed}-v{DIGIT_DOMAINS_VERSION}.pt"
 
     def load(self) -> DomainData:
         """Reads the cache, or builds every domain (a few seconds) and caches it."""
         tensors, seconds = load_or_build(
             self.cache_path,
-            lambda: build_digits_dg(
+            lambda: build_digit_domains(
                 self.image_size,
                 self.per_class,
                 self.val_per_class,

@@ -1,18 +1,18 @@
-"""Federated domain generalization on the embedded digits_dg (issue 5): FedAvg, FedSAM, FedDG-GA, FedTAIL and
+"""Federated domain generalization on the embedded digit_domains (issue 5): FedAvg, FedSAM, FedDG-GA, FedTAIL and
 FedTAIL ablations, leave-one-domain-out over all four targets, several seeds.
 
-Every row runs ``configs/fedtail_digits_dg.yaml`` (layout (i): one client per source domain, IF 10, 20 rounds of
+Every row runs ``configs/fedtail_digit_domains.yaml`` (layout (i): one client per source domain, IF 10, 20 rounds of
 2 local epochs, evaluated every 2 rounds) with ``--data.target_domain all``. The main table reports, per target
 domain, the mean +- std over seeds of each run's mean target accuracy over the evaluations of the second half of
 training (rounds 12-20), and the mean over the targets; a second table gives the target mean at the last round, at
 the round selected by source-domain validation, and over the whole run (``mean_last`` of ``final.json``: with 10
 evaluations that is every evaluated round, which rewards fast starters), plus the few-class accuracy.
 
-    python benchmarks/digits_dg.py                                  # every row, seeds 0 1 2, 2 parallel jobs
-    python benchmarks/digits_dg.py --rows fedavg fedtail --seeds 0
+    python benchmarks/digit_domains.py                                  # every row, seeds 0 1 2, 2 parallel jobs
+    python benchmarks/digit_domains.py --rows fedavg fedtail --seeds 0
 
 Finished runs (``domains.json`` present) are reused, so an interrupted sweep continues where it stopped. Every
-finished run's numbers are also recorded in ``benchmarks/results/digits_dg.json`` (with the fedlt commit that made
+finished run's numbers are also recorded in ``benchmarks/results/digit_domains.json`` (with the fedlt commit that made
 them); a row and seed found there is not re-run (``--rerun`` forces it), so a sweep can be spread over machines or
 sessions by committing that file, and the table is rebuilt from it (a row shows the seeds recorded so far).
 ``--keep`` copies the lines of rows without records from the existing table (marked "(kept)"): for rows whose
@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "fedtail_digits_dg.yaml"
+CONFIG = ROOT / "configs" / "fedtail_digit_domains.yaml"
 DOMAINS = ["plain", "textured", "inverted", "thick"]
 NOTES = "## Notes"
 # FedAvg-family local training (FedTAIL's config halves the learning rate: its objective has two CE-scale terms).
@@ -155,11 +155,12 @@ def table(results: dict[str, dict[str, dict]], seeds: list[int], command: str, n
     """``results[row][seed]``: the :func:`record` of each run."""
     kept = kept or {}
     lines = [
-        "# Federated domain generalization on embedded digits_dg",
+        "# Federated domain generalization on embedded digit_domains",
         "",
         f"Leave-one-domain-out over the four synthetic domains, one client per source domain, seeds {seeds} "
         "(column n: the seeds a row has so far), "
-        "config `configs/fedtail_digits_dg.yaml` (20 rounds, evaluated every 2). Cells: target-domain accuracy (%), "
+        "config `configs/fedtail_digit_domains.yaml` (20 rounds, evaluated every 2). Cells: target-domain "
+        "accuracy (%), "
         "mean ± std over seeds of each run's mean over the evaluations of the second half of training (rounds "
         "12-20).",
         "",
@@ -208,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--jobs", type=int, default=2, help="parallel runs (each uses one thread)")
-    p.add_argument("--run-root", default=str(ROOT / "runs" / "bench_digits_dg"))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "digits_dg.md"))
+    p.add_argument("--run-root", default=str(ROOT / "runs" / "bench_digit_domains"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "digit_domains.md"))
     p.add_argument("--keep", action="store_true", help="copy the rows not run from the existing table")
     p.add_argument("--rerun", action="store_true", help="run rows and seeds already recorded in the JSON again")
     p.add_argument("--table-only", action="store_true", help="rebuild the table from the JSON, run nothing")
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     # FedTAIL rows are never kept: its adversarial term is on by default since this table's last full run.
     kept = {row: kept_lines(old, row) for row in ROWS
             if row not in results and not row.startswith("fedtail") and f"| {ROWS[row][0]} " in old} if a.keep else {}
-    command = "python benchmarks/digits_dg.py" + ("" if a.rows == list(ROWS) else " --rows " + " ".join(a.rows)) + (
+    command = "python benchmarks/digit_domains.py" + ("" if a.rows == list(ROWS) else " --rows " + " ".join(a.rows)) + (
         "" if a.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, a.seeds))) + (" --keep" if a.keep else "")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table(results, a.seeds, command, notes, kept))
