@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-T = TypeVar("T")
+T = TypeVar("T", bound=Callable[..., Any])  # a class or a function: registered under its ``__name__``
 
 
 class UnknownNameError(KeyError):

@@ -9,6 +9,7 @@ import json
 import netrc
 import os
 import sys
+from argparse import Namespace
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -220,9 +221,10 @@ class WandbFabricLogger(Logger):
         return run
 
     @rank_zero_only
-    def log_hyperparams(self, params: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+    def log_hyperparams(self, params: dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
         if self.experiment is not None:
-            self.experiment.config.update(params, allow_val_change=True)
+            self.experiment.config.update(vars(params) if isinstance(params, Namespace) else params,
+                                          allow_val_change=True)
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
@@ -240,7 +242,7 @@ class WandbFabricLogger(Logger):
         if self.experiment is None:
             return
         counts = summary.get("client_class_counts", [])
-        columns = ["client"] + [f"class_{c}" for c in range(len(counts[0]) if counts else 0)]
+        columns: list[str | int] = ["client", *(f"class_{c}" for c in range(len(counts[0]) if counts else 0))]
         table = wandb.Table(columns=columns, data=[[k, *row] for k, row in enumerate(counts)])
         self.experiment.log({"partition/client_class_counts": table})
         rest = {k: v for k, v in summary.items() if k != "client_class_counts"}  # the table holds those

@@ -42,8 +42,8 @@ _DOTTED_VALUE = re.compile(r"Expected a dot import path string: (\S+)")
 def usage_message(message: str) -> str:
     """The one-line form of a usage error (a jsonargparse message shortened to what the user must change)."""
     text = " ".join(str(message).split())
-    given = _DOTTED_VALUE.search(text)
-    old = given.group(1).strip("'\",").rsplit(".", 1)[-1] if given else ""
+    dotted = _DOTTED_VALUE.search(text)
+    old = dotted.group(1).strip("'\",").rsplit(".", 1)[-1] if dotted else ""
     if old in RENAMED:
         return f"{text}. {old} was renamed to {RENAMED[old]} (see CHANGELOG.md); use class_path: {RENAMED[old]}"
     if text.startswith('Parser key "method') and "Problem with given class_path" not in text:
@@ -56,11 +56,10 @@ def usage_message(message: str) -> str:
         m = re.match(r"Problem with given class_path '([^']+)': (.*?)(?= - Expected a <class 'NoneType'>|$)", last)
         if m:
             text = f"{m.group(2).strip(' -')} (in {m.group(1).rsplit('.', 1)[-1]}; see fedlt fit --help)"
-    elif _PLAIN_UNION.match(text):
+    elif plain := _PLAIN_UNION.match(text):
         # A plain value of a union type (e.g. trainer.devices: a number or 'auto'): name the key and the choices.
-        m = _PLAIN_UNION.match(text)
-        kinds = [_kind_words(k) for k in re.split(r",\s*(?![^\[]*\])", m.group(2))]
-        text = f"--{m.group(1)} {m.group(3)}: expected {' or '.join(kinds)}"
+        kinds = [_kind_words(k) for k in re.split(r",\s*(?![^\[]*\])", plain.group(2))]
+        text = f"--{plain.group(1)} {plain.group(3)}: expected {' or '.join(kinds)}"
     elif "Does not validate against any of the Union subtypes" in text and "Errors: - " in text:
         # A constructor rejected a value (e.g. an unknown choice): keep that error, drop the schema dump.
         first = text.split("Errors: - ", 1)[1].split(" - Expected a <class 'NoneType'>", 1)[0].strip(" -")

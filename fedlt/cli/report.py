@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedlt.cli.errors import usage_error
 from fedlt.cli.report_runs import (
@@ -29,7 +29,7 @@ from fedlt.cli.report_runs import (
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise ReportError(message)
 
 

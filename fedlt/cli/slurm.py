@@ -124,17 +124,13 @@ def run_lease(lock_path: str | Path) -> Iterator[bool]:
 
 def array_indices(indices: Iterable[int], max_parallel: int | None = None) -> str:
     """The ``--array`` value for ``indices``: ranges compressed (``0-3,5,7-8``), ``%max_parallel`` appended."""
-    idx = sorted(set(indices))
-    parts: list[str] = []
-    start = prev = None
-    for i in [*idx, None]:
-        if start is not None and (i is None or i != prev + 1):
-            parts.append(str(start) if start == prev else f"{start}-{prev}")
-            start = None
-        if i is not None and start is None:
-            start = i
-        prev = i
-    spec = ",".join(parts)
+    runs: list[list[int]] = []  # maximal runs of consecutive indices
+    for i in sorted(set(indices)):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    spec = ",".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
     return f"{spec}%{max_parallel}" if max_parallel else spec
 
 

@@ -175,7 +175,7 @@ def _clean(message: str) -> str:
     return usage_message(message)
 
 
-def _explain(err: Exception, params: dict[str, Any], run: str, overrides: Sequence[str]) -> str:
+def _explain(err: BaseException, params: dict[str, Any], run: str, overrides: Sequence[str]) -> str:
     """Names the grid key (or fit override) a jsonargparse error is about."""
     raw = str(err)
     mentions = lambda k: f"--{k}" in raw or f'"{k}"' in raw or f"'{k.rsplit('.', 1)[-1]}'" in raw  # noqa: E731

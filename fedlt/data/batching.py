@@ -154,7 +154,7 @@ class BatchPipeline:
             x = self.augment(x, generator)
         if self.resize is not None:
             x = resize_images(x, self.resize)  # no-op when the augmentation already produced this size
-        if self._scale is not None:
+        if self._scale is not None and self._shift is not None:  # set together by the normalisation
             if self.repeat_channels:
                 x = (x * self._scale).sub_(self._shift)  # (B, 1, H, W) broadcasts to the normalisation's channels
             else:

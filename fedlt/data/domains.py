@@ -74,7 +74,7 @@ class DomainSource(DataSource):
     domains: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
-    def load(self) -> DomainData:  # type: ignore[override]
+    def load(self) -> DomainData:
         """Loads (or builds) every image of every domain."""
 
 

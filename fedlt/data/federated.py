@@ -143,11 +143,12 @@ class FederatedDataset:
         check_group_sources(group_source, pm_group_source, local_test)
         if image_size is not None and image_size < 1:
             raise ValueError(f"image_size must be a positive side length or None, got {image_size}")
-        self.source = source
+        # None for a dataset built from tensors (from_tensors): no source to load and no partitioner.
+        self.source: DataSource | None = source
         self.num_clients = num_clients
         self.imbalance_factor = imbalance_factor
         self.lt_profile = lt_profile
-        self.partition = partition
+        self.partition: Partitioner | None = partition
         self.local_test = local_test
         self.group_convention = group_convention
         self.group_source, self.pm_group_source = group_source, pm_group_source
@@ -212,6 +213,7 @@ class FederatedDataset:
             if self.target_domain == "all":
                 raise ValueError("target_domain 'all' is expanded by `fedlt fit` into one run per domain; a single "
                                  f"dataset needs one of {', '.join(self.domain_names)}")
+            assert self.source is not None  # a dataset from tensors is set up (device set) when it is made
             data = self.source.load()
             if isinstance(data, DomainData):
                 self._build_domains(data)
@@ -257,10 +259,12 @@ class FederatedDataset:
     def _split_train(self, data: SourceData, lt_idx: np.ndarray, seed: int) -> tuple[np.ndarray, PartitionResult]:
         """Partitions the LT subsample; returns the (possibly reduced) subsample and the partition into it."""
         lt_y = data.train_y.numpy()[lt_idx]
-        if not self.partition.pools_test_set:
-            return lt_idx, self.partition.split(lt_y, self.num_clients, seed)
-        result = self.partition.split_pooled(lt_y, data.test_y.numpy(), self.num_clients, seed, data.num_classes,
-                                             getattr(data, "superclasses", None))
+        partition = self.partition
+        assert partition is not None  # a dataset built from tensors has its clients already
+        if not partition.pools_test_set:
+            return lt_idx, partition.split(lt_y, self.num_clients, seed)
+        result = partition.split_pooled(lt_y, data.test_y.numpy(), self.num_clients, seed, data.num_classes,
+                                        data.superclasses)
         self.partition_unassigned = result.unassigned
         kept = np.sort(np.concatenate(result.indices))
         if kept.size == lt_idx.size:
@@ -274,6 +278,7 @@ class FederatedDataset:
         """Leave-one-domain-out split (docs/reference.md 1.8) of a multi-domain dataset."""
         seed = 0 if self.seed is None else self.seed
         labels, dom = data.y.numpy(), data.domain.numpy()
+        assert self.target_domain is not None  # checked against the source's domains in __init__
         target = data.domains.index(self.target_domain)
         ds = leave_one_domain_out(labels, dom, data.split.numpy(), target, self.domain_layout,
                                   self.clients_per_domain, self.domain_alpha, self.val_fraction, seed)

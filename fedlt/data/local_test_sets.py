@@ -292,7 +292,7 @@ def check_local_test(protocol: str, partitioner: Partitioner | None) -> None:
         valid = ", ".join(LOCAL_TEST_PROTOCOLS)
         raise ValueError(f"unknown local_test protocol {protocol!r}; valid protocols: {valid}")
     pools = partitioner is not None and partitioner.pools_test_set
-    if pools and protocol != "pooled":
+    if partitioner is not None and pools and protocol != "pooled":
         raise ValueError(f"partition {partitioner.name} draws every client's local test set from the pooled train + "
                          f"test set, so local_test must be 'pooled' (its default), not {protocol!r}")
     if protocol == "pooled" and not pools:

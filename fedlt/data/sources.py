@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from torch import Tensor
 from fedlt.data.digits import DIGITS_VERSION, build_digits
 from fedlt.data.transforms import TensorAugment
 from fedlt.registry import Registry
+
+if TYPE_CHECKING:
+    from fedlt.data.domains import DomainData
 
 __all__ = [
     "CIFAR10",
@@ -165,13 +168,14 @@ def load_or_build(path: Path, build: Callable[[], dict[str, Tensor]]) -> tuple[d
 
 
 class DataSource(ABC):
-    """Base of the data sources: ``load()`` returns a ``SourceData``; ``augment`` is the default augmentation."""
+    """Base of the data sources: ``load()`` returns a ``SourceData`` (a train/test split) or, for a multi-domain
+    source (:class:`~fedlt.data.domains.DomainSource`), a ``DomainData``; ``augment`` is the default augmentation."""
 
     name: ClassVar[str] = "source"
     augment: ClassVar[TensorAugment] = TensorAugment()
 
     @abstractmethod
-    def load(self) -> SourceData:
+    def load(self) -> SourceData | DomainData:
         """Loads (or builds) the dataset as uint8 NCHW tensors."""
 
 

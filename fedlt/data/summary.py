@@ -21,6 +21,7 @@ __all__ = ["federated_summary", "write_summary"]
 def federated_summary(data: FederatedDataset) -> dict[str, Any]:
     """JSON-serialisable description of the federated split of a set-up ``data`` for logs and plots."""
     group_sizes = np.bincount(data.groups, minlength=len(GROUP_NAMES))
+    assert data.image_size is not None  # set by setup()
     out = {
         "source": data.source_name,
         "num_classes": int(data.num_classes),

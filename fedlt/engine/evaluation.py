@@ -21,7 +21,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,7 @@ class Evaluator:
         sim.model.train()
         return out
 
-    def client_accuracies(self) -> dict[str, list] | None:
+    def client_accuracies(self) -> dict[str, Any] | None:
         """Per-client PM accuracy of the last evaluation, from its count states (no extra evaluation pass).
 
         A collective (one sum all-reduce of 2K counts): every rank calls it.
@@ -277,16 +277,16 @@ class Evaluator:
                 clients = wanted[a : a + chunk]
                 stacked = sim.store.stack(clients, list(defaults), defaults)
                 params = {key.removeprefix(_MODEL + "head."): v for key, v in stacked.items()}
-                idx = [data.client_test_indices[k] for k in clients]
+                client_idx = [data.client_test_indices[k] for k in clients]
                 lengths = torch.tensor(sizes[a : a + chunk], device=features.device)
-                padded = nn.utils.rnn.pad_sequence([row[i] for i in idx], batch_first=True)  # (n, longest) rows
+                padded = nn.utils.rnn.pad_sequence([row[i] for i in client_idx], batch_first=True)  # (n, longest) rows
                 out = batched(params, features[padded])  # (n, longest, C)
                 if self._masking:
                     present = data.client_test_classes[torch.tensor(clients, device=out.device)]
                     out = out.masked_fill(~present.unsqueeze(1), torch.finfo(out.dtype).min)
                 valid = torch.arange(padded.shape[1], device=out.device) < lengths.unsqueeze(1)
                 preds.append(out.argmax(2)[valid])
-                targets.append(data.test.y[torch.cat(idx)])
+                targets.append(data.test.y[torch.cat(client_idx)])
                 ids.append(torch.repeat_interleave(torch.tensor(clients, device=features.device),
                                                    lengths.to(features.device)))
         self.pm.update(torch.cat(preds), torch.cat(targets), torch.cat(ids))

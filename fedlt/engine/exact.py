@@ -153,16 +153,17 @@ class ExactSum:
         # Each chunk of about _CHUNK elements (small segments grouped, large ones split) is staged and split into
         # limbs while it is in cache: eight passes over a model-sized float64 vector would be memory-bound.
         for (a, b), pieces in self._plan:
-            given = [(i, lo, hi) for i, lo, hi in pieces if flat[i] is not None]
+            given = [(i, lo, hi, t) for i, lo, hi in pieces if (t := flat[i]) is not None]
             missing = [self._stage[a + o : a + o + hi - lo] for (i, lo, hi), o in zip(pieces, _offsets(pieces))
                        if flat[i] is None]
             if missing:
                 torch._foreach_zero_(missing)
             if given:
                 offsets = dict(zip(pieces, _offsets(pieces)))
-                views = [self._stage[a + offsets[p] : a + offsets[p] + p[2] - p[1]] for p in given]
-                torch._foreach_copy_(views, [flat[i][lo:hi] for i, lo, hi in given])
-                torch._foreach_mul_(views, [scales[i] for i, _, _ in given])
+                views = [self._stage[a + offsets[(i, lo, hi)] : a + offsets[(i, lo, hi)] + hi - lo]
+                         for i, lo, hi, _ in given]
+                torch._foreach_copy_(views, [t[lo:hi] for _, lo, hi, t in given])
+                torch._foreach_mul_(views, [scales[i] for i, _, _, _ in given])
             self._split_into_limbs(a, b)
         self._terms += 1
 
@@ -173,11 +174,11 @@ class ExactSum:
         if len(self._row_scales) == len(self._rows):
             self.flush_()
         views = self._row_views[len(self._row_scales)]
-        given = [i for i, t in enumerate(tensors) if t is not None]
+        given = [(i, t) for i, t in enumerate(tensors) if t is not None]
         if len(given) < len(tensors):
             torch._foreach_zero_([views[i] for i, t in enumerate(tensors) if t is None])
         if given:
-            torch._foreach_copy_([views[i] for i in given], [tensors[i].reshape(-1) for i in given])  # no_grad
+            torch._foreach_copy_([views[i] for i, _ in given], [t.reshape(-1) for _, t in given])  # no_grad
         self._row_scales.append(scales)
         self._terms += 1
 
@@ -331,8 +332,8 @@ def sum_host_rows(rows: Sequence[Sequence[float]], fabric: Any = None,
     if not (math.isfinite(bound) and bound < 2.0**_EXACT_BITS and terms <= _MAX_TERMS):
         raise ExactSumOverflow(f"a bookkeeping sum is not finite or too large for exact aggregation (bound {bound})")
     out = []
-    for h, lsum in zip(hi, lo):
-        h, lsum = float(h), float(lsum)
-        carry = math.floor(lsum * (1.0 / _LIMB))
-        out.append(math.ldexp((h + carry) * _LIMB + (lsum - carry * _LIMB), -s))
+    for high, low in zip(hi, lo):
+        high_f, low_f = float(high), float(low)
+        carry = math.floor(low_f * (1.0 / _LIMB))
+        out.append(math.ldexp((high_f + carry) * _LIMB + (low_f - carry * _LIMB), -s))
     return out

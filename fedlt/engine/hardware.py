@@ -9,12 +9,13 @@ before any process is spawned or file written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast
 
 from fedlt.errors import ConfigError
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "64-true")
+Precision = Literal["32-true", "bf16-mixed", "16-mixed", "64-true"]  # what a run uses (``auto`` and ``32`` resolved)
 
 
 class HardwareError(ConfigError):
@@ -28,7 +29,7 @@ class Hardware:
     accelerator: str
     devices: int
     num_nodes: int
-    precision: str
+    precision: Precision
 
     @property
     def world_size(self) -> int:
@@ -87,7 +88,7 @@ def resolve_hardware(accelerator: str, devices: int | str, num_nodes: int, preci
         prec = "bf16-mixed" if acc == "cuda" and _bf16_capable(cuda) else "32-true"
     elif prec == "32":
         prec = "32-true"
-    return Hardware(accelerator=acc, devices=count, num_nodes=int(num_nodes), precision=prec)
+    return Hardware(accelerator=acc, devices=count, num_nodes=int(num_nodes), precision=cast(Precision, prec))
 
 
 def _bf16_capable(cuda: Any) -> bool:

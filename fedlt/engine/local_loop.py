@@ -264,7 +264,7 @@ class LocalTrainer:
                 self._step_schedulers(schedulers, i + 1, per_epoch)
             elif self._stepped:  # ClientOptimizer.step in the step: one scaler update for all of them
                 self._update_scaler()
-            record = out.parts or {"loss": out.loss}
+            record = out.parts or ({"loss": out.loss} if out.loss is not None else {})
             if logging and self._logged:
                 record = _with_logged(record, self._logged)
             records.append(record)

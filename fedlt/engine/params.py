@@ -20,7 +20,8 @@ def model_tensors(model: nn.Module) -> dict[str, Tensor]:
 
 def split_keys(keys: Iterable[str], is_personal: Callable[[str], bool]) -> tuple[list[str], list[str]]:
     """Splits state-dict keys into (shared, personal) preserving order."""
-    shared, personal = [], []
+    shared: list[str] = []
+    personal: list[str] = []
     for k in keys:
         (personal if is_personal(k) else shared).append(k)
     return shared, personal

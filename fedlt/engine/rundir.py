@@ -113,7 +113,7 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Deletes the temporary files of interrupted atomic writes (``.round_N.ckpt.tmpPID``,
     ``partition.json.PID.tmp``, ``client_N.tmpPID``, ...) anywhere in the run directory; call it holding the lock.
     Returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     root = Path(run_dir)
     if not root.is_dir():
         return removed

@@ -7,6 +7,7 @@ processes, the device, the precision context and the collectives.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedlt.engine.client_state import ClientStateStore
 from fedlt.engine.comm import Comm, RunInfo
@@ -28,7 +29,9 @@ from fedlt.engine.sharding import assign_to_ranks, client_seed, sample_cohort, s
 from fedlt.types import ClientContext, ServerMessage
 
 if TYPE_CHECKING:
+    from fedlt.engine.vectorized import VectorizedCohort
     from fedlt.methods.base import FedMethod
+    from fedlt.models.base import FedModel
 
 _MODEL = "model."
 _SECOND_PASS = 0x2B5F1A  # separates the generator stream of the after-aggregation pass from the local fit
@@ -71,7 +74,7 @@ class Simulator:
         self,
         fabric: Any,
         data: Any,
-        model: nn.Module,
+        model: FedModel,
         method: FedMethod,
         rounds: int = 10,
         clients_per_round: int = 10,
@@ -101,7 +104,7 @@ class Simulator:
         self.cohort_sampler = cohort_sampler or sample_cohort
         self.client_seed_fn = client_seed_fn or client_seed
         self.vectorize_cohort = vectorize_cohort
-        self._vectorized = None  # a VectorizedCohort once set up with vectorize_cohort
+        self._vectorized: VectorizedCohort | None = None  # set up with vectorize_cohort
         self.exact_reduction = exact_reduction
         self.round = 0  # last completed round
         self.comm = Comm(fabric)  # the one view of the other ranks (a single process without Fabric)
@@ -282,7 +285,7 @@ class Simulator:
         for cid in mine:
             indices = self.data.client_indices[cid]
             self.client_pass(cid, message, self.client_seed_fn(self.seed, round, cid) ^ _SECOND_PASS,
-                             lambda ctx, indices=indices: self.method.after_aggregation(ctx, indices))
+                             functools.partial(self.method.after_aggregation, indices=indices))
 
     def _train_metrics(self, client_sums: list[dict[str, Tensor]], steps: int, cohort: list[int],
                        mine: list[int]) -> dict[str, float]:

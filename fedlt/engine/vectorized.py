@@ -36,6 +36,19 @@ if TYPE_CHECKING:
 _MODEL = "model."
 
 
+def _penalties(method: FedMethod, params: dict[str, Tensor], global_params: dict[str, Tensor],
+               k: int) -> list[tuple[Tensor, dict[str, Tensor]]] | None:
+    """Each of the ``k`` stacked clients' ``vectorized_penalty``; None when the method has none this round (a
+    penalty whose coefficient is 0 returns None, as FedProx with ``mu = 0``)."""
+    terms = []
+    for i in range(k):
+        term = method.vectorized_penalty({n: v[i] for n, v in params.items()}, global_params)
+        if term is None:
+            return None
+        terms.append(term)
+    return terms
+
+
 class VectorizationError(ValueError):
     """The method, model or precision cannot train a cohort vectorized (the message says why)."""
 
@@ -223,9 +236,9 @@ class VectorizedCohort:
                 setattr(layer, name.rpartition(".")[2], v)
             logits = clone(x.reshape(k * b, *x.shape[2:])).view(k, b, -1)
             loss = method.loss.per_client(logits, y, counts, rnd)
-            if not penalized:
+            terms = _penalties(method, params, global_params, k) if penalized else None
+            if terms is None:
                 return loss, {"loss": loss.detach()}
-            terms = [method.vectorized_penalty({n: v[i] for n, v in params.items()}, global_params) for i in range(k)]
             total = loss + torch.stack([t[0] for t in terms])
             logged = {key: torch.stack([t[1][key] for t in terms]).detach() for key in terms[0][1]}
             return total, {"loss": total.detach(), "ce": loss.detach(), **logged}
@@ -317,7 +330,7 @@ class VectorizedCohort:
             scale = (method.grad_clip / (norms + 1e-6)).clamp(max=1.0)
             gs = [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in gs]
         if method.weight_decay:
-            gs = torch._foreach_add(gs, ps, alpha=method.weight_decay)
+            gs = list(torch._foreach_add(gs, ps, alpha=method.weight_decay))
         if method.momentum:
             if first or names[0] not in momentum:
                 bufs = [g.clone() for g in gs]

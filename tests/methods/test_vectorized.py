@@ -31,6 +31,7 @@ CASES = {
     "fedavg-momentum-wd": lambda: FedAvg(lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=16),
     "fedavg-steps": lambda: FedAvg(lr=0.05, batch_size=16, local_steps=7),
     "fedprox-clip": lambda: FedProx(mu=0.5, lr=0.05, momentum=0.5, batch_size=16, grad_clip=0.5),
+    "fedprox-mu0": lambda: FedProx(mu=0.0, lr=0.05, batch_size=16),  # a penalty method with no penalty
     "fedper": lambda: FedPer(lr=0.05, momentum=0.5, batch_size=16),
     "fedfocal": lambda: FedFocal(gamma=2.0, lr=0.05, batch_size=16),
     "fedlc": lambda: FedLC(tau=1.0, lr=0.05, batch_size=16),
