@@ -21,4 +21,4 @@ def test_ci_runs_exactly_the_readmes_test_command():
     assert (ROOT / "configs" / "quickstart.yaml").is_file()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test in ci, test  # the same line, character for character
-    assert "ruff check ." in test and test.endswith("&& pytest")
+    assert "ruff check ." in test and "&& mypy &&" in test and test.endswith("&& pytest")
