@@ -45,7 +45,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,41 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class OpenClipModel(Protocol):
+    """What fedlt uses of an open_clip ``CLIP`` model (open_clip has no type information).
+
+    The model is an ``nn.Module``: its towers, the text tower's parts that :meth:`ClipModel.prompt_text_features`
+    runs one by one, and the ``nn.Module`` methods fedlt calls on it.
+    """
+
+    visual: nn.Module
+    token_embedding: nn.Embedding
+    positional_embedding: Tensor
+    transformer: nn.Module
+    attn_mask: Tensor | None
+    ln_final: nn.LayerNorm
+    text_projection: Tensor | nn.Linear | None
+    logit_scale: Tensor
+
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor: ...
+
+    def encode_text(self, text: Tensor, normalize: bool = False) -> Tensor: ...
+
+    def eval(self) -> nn.Module: ...
+
+    def train(self, mode: bool = True) -> nn.Module: ...
+
+    def requires_grad_(self, requires_grad: bool = True) -> nn.Module: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+
 class ClipWeightsUnavailable(PretrainedWeightsUnavailable):
     """Pretrained open_clip weights could not be downloaded or loaded."""
 
@@ -117,7 +152,7 @@ def register_fedlt_configs() -> None:
 
 
 def create_open_clip(model_name: str, pretrained: bool = False, tag: str | None = "openai",
-                     checkpoint_path: str | os.PathLike[str] | None = None) -> nn.Module:
+                     checkpoint_path: str | os.PathLike[str] | None = None) -> OpenClipModel:
     """Builds an open_clip model with random or pretrained weights, failing fast when weights are unavailable.
 
     Args:
@@ -239,6 +274,14 @@ def lora_scale(alpha: float, rank: int, scaling: str = "alpha_over_r") -> float:
     return float(alpha) / (float(rank) if scaling == "alpha_over_r" else math.sqrt(rank))
 
 
+def _embed_dim(clip: OpenClipModel) -> int:
+    """D, the size of the joint image--text embedding (the text projection's output, or the text width)."""
+    proj = clip.text_projection
+    if isinstance(proj, nn.Linear):
+        return int(proj.out_features)
+    return int(proj.shape[-1]) if proj is not None else int(clip.token_embedding.embedding_dim)
+
+
 def _templates(templates: Sequence[str] | None, dataset: str | None, template_set: str = "coop") -> tuple[str, ...]:
     """The zero-shot templates: ``templates``, else the dataset's in the ``template_set`` table, else the default."""
     table = _TEMPLATE_TABLES[template_set]
@@ -247,6 +290,17 @@ def _templates(templates: Sequence[str] | None, dataset: str | None, template_se
         if t.count("{}") != 1:
             raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
     return chosen
+
+
+class _BranchConfig(TypedDict):
+    """The sizes :class:`ClipModel` builds every :class:`_PeftBranch` with."""
+
+    text_width: int
+    embed_dim: int
+    n_ctx: int
+    lora_rank: int
+    lora_targets: tuple[str, ...]
+    adapter_reduction: int
 
 
 class _PeftBranch(nn.Module):
@@ -303,7 +357,7 @@ class _LoRAAttention(nn.Module):
         d, h = base.embed_dim, base.num_heads
         qkv = F.linear(x, base.in_proj_weight, base.in_proj_bias)
         xd = owner.lora_dropout(x)
-        deltas = []
+        deltas: list[Tensor | None] = []
         for t in ("q", "k", "v"):
             a = lora.get(f"l{self.layer}_{t}_A")
             if a is None:
@@ -365,6 +419,14 @@ class ClipModel(FedModel):
         image_size: the data's image side (informational: batches are resized to the tower's input size).
     """
 
+    clip: OpenClipModel
+    # Buffers: the normalised zero-shot text features (C, D); with prompt PEFT also the class prompts' tokens
+    # (C, L) and their frozen token embeddings before (C, 1, width) and after the context.
+    zs_text: Tensor
+    prompt_tokens: Tensor
+    prompt_prefix: Tensor
+    prompt_suffix: Tensor
+
     def __init__(
         self,
         model_name: str,
@@ -412,17 +474,18 @@ class ClipModel(FedModel):
         visual = self.clip.visual
         size = getattr(visual, "image_size", 224)
         self.input_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.num_features = int(self.clip.text_projection.shape[-1]) if self.clip.text_projection is not None \
-            else int(self.clip.token_embedding.embedding_dim)
+        self.num_features = _embed_dim(self.clip)
         self.text_width = int(self.clip.token_embedding.embedding_dim)
         self.lora_scaling = lora_scaling
         self.lora_scale = lora_scale(lora_alpha, lora_rank, lora_scaling)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.adapter_ratio = float(adapter_ratio)
-        self._cfg = dict(text_width=self.text_width, embed_dim=self.num_features, n_ctx=n_ctx,
-                         lora_rank=lora_rank, lora_targets=tuple(lora_targets), adapter_reduction=adapter_reduction)
+        self._cfg = _BranchConfig(text_width=self.text_width, embed_dim=self.num_features, n_ctx=n_ctx,
+                                  lora_rank=lora_rank, lora_targets=tuple(lora_targets),
+                                  adapter_reduction=adapter_reduction)
         self._branch: str | None = "global"
-        self._text_cache: dict[Any, Tensor] = {}
+        # branch -> ((branch, context data_ptr, context version), its prompt text features)
+        self._text_cache: dict[str | None, tuple[tuple[str | None, int, int], Tensor]] = {}
 
         zs = self._encode_class_texts()
         self.register_buffer("zs_text", zs, persistent=False)  # (C, D) normalised zero-shot text features
@@ -431,13 +494,14 @@ class ClipModel(FedModel):
             ctx_vec = self._prepare_prompts(n_ctx, ctx_init)
         self._ctx_init = ctx_vec
         resblocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        self._vision_layers = len(resblocks) if resblocks is not None else 0
+        self._vision_width = 0
         if peft == "lora":
             if resblocks is None:
                 raise ValueError(f"peft 'lora' needs a ViT image tower; {model_name!r} has none")
             for i, block in enumerate(resblocks):
                 block.attn = _LoRAAttention(block.attn, i, self)
-        self._vision_layers = len(resblocks) if resblocks is not None else 0
-        self._vision_width = int(resblocks[0].attn.base.embed_dim) if peft == "lora" else 0
+            self._vision_width = int(resblocks[0].attn.base.embed_dim)
         self.peft = nn.ModuleDict()
         self.add_branch("global")
         self.head = self._build_head(head, head_init)
@@ -479,7 +543,11 @@ class ClipModel(FedModel):
             self._branch = prev
 
     def _active(self) -> _PeftBranch | None:
-        return self.peft[self._branch] if self._branch is not None else None
+        if self._branch is None:
+            return None
+        branch = self.peft[self._branch]
+        assert isinstance(branch, _PeftBranch)  # add_branch puts only those in peft
+        return branch
 
     def _active_lora(self) -> nn.ParameterDict | None:
         branch = self._active()

@@ -38,6 +38,8 @@ class _HeadSlot(nn.Module):
     :class:`UserModel`'s ``head``, so that the user's ``forward`` (and a LightningModule's ``training_step``) still
     returns logits, except while :meth:`UserModel.forward_features` runs, when it passes the features through."""
 
+    _owner: UserModel
+
     def __init__(self, owner: UserModel) -> None:
         super().__init__()
         object.__setattr__(self, "_owner", owner)  # a plain reference, not a submodule (no second copy of the head)
@@ -106,7 +108,7 @@ def is_lightning_module(module: Any) -> bool:
     return False
 
 
-def import_class(class_path: str) -> type:
+def import_class(class_path: str) -> type[nn.Module]:
     """The class at a dotted import path (``package.module.Class``)."""
     module_name, _, name = class_path.rpartition(".")
     if not module_name:
@@ -125,7 +127,7 @@ def import_class(class_path: str) -> type:
     return cls
 
 
-def constructor_args(cls: type, init_args: dict[str, Any], data_args: dict[str, Any]) -> dict[str, Any]:
+def constructor_args(cls: type[nn.Module], init_args: dict[str, Any], data_args: dict[str, Any]) -> dict[str, Any]:
     """``init_args`` plus the data's ``num_classes`` / ``in_channels`` / ``image_size`` where the constructor
     takes them and ``init_args`` leaves them out; an argument the constructor does not take names the valid ones."""
     params = inspect.signature(cls.__init__).parameters

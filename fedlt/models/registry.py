@@ -1,7 +1,8 @@
 """Model registry and the single entry point :func:`build_model`.
 
-Registered builders share one signature ``(num_classes, in_channels, image_size, pretrained, **kwargs)``; names
-of the form ``"timm:<timm model name>"`` are resolved by :class:`~fedlt.models.timm_model.TimmModel` instead.
+Registered builders share one signature ``(num_classes, in_channels, image_size, pretrained)``, followed by their
+model-specific keyword options (with defaults); names of the form ``"timm:<timm model name>"`` are resolved by
+:class:`~fedlt.models.timm_model.TimmModel` instead.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ CLIP_PREFIX = "clip:"
 
 
 class ModelBuilder(Protocol):
-    """Signature of a registered model builder."""
+    """Signature of a registered model builder.
+
+    A builder may take model-specific keyword options after these (each with a default, e.g. ``hidden`` of
+    ``mlp``); :func:`build_model` checks ``model.kwargs`` against its signature before forwarding them.
+    """
 
     def __call__(
-        self, num_classes: int, in_channels: int = 3, image_size: int = 32, pretrained: bool = False, **kwargs: Any
+        self, num_classes: int, in_channels: int = 3, image_size: int = 32, pretrained: bool = False
     ) -> FedModel:
         """Builds the model."""
         ...

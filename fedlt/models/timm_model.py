@@ -64,7 +64,9 @@ class TimmModel(FedModel):
         self.model_name = model_name
         self.image_size = image_size
         self.backbone = _create_backbone(model_name, in_channels, pretrained, checkpoint_path, kwargs)
-        self.num_features = int(self.backbone.num_features)
+        num_features = self.backbone.num_features  # every timm model sets it: the size of its pooled features
+        assert isinstance(num_features, int)
+        self.num_features = num_features
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes)
 

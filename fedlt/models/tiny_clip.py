@@ -38,10 +38,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fedlt.models.clip import OpenClipModel
 
 __all__ = [
     "CAPTION_TEMPLATES",
@@ -141,7 +145,7 @@ def digits_checkpoint_path(recipe: DigitsPretraining | None = None, root: str | 
     return root / f"{model_name}-{DIGITS_TAG}-s{recipe.seed}-v{RECIPE_VERSION}-{digest}.pt"
 
 
-def _new_model(model_name: str, seed: int) -> nn.Module:
+def _new_model(model_name: str, seed: int) -> OpenClipModel:
     """A randomly initialised open_clip model, its initialisation drawn from ``seed`` (global RNG restored)."""
     from fedlt.models.clip import create_open_clip
 
@@ -174,12 +178,13 @@ def _lowres(x: Tensor, size: int = 16) -> Tensor:
     return F.interpolate(small.clamp(0.0, 255.0), size=(side, side), mode="bicubic", align_corners=False).clamp(0, 255)
 
 
-def _encode_text(model: nn.Module, tokens: Tensor, token_embeds: Tensor) -> Tensor:
+def _encode_text(model: OpenClipModel, tokens: Tensor, token_embeds: Tensor) -> Tensor:
     """``model.encode_text(tokens)`` (argmax / EOT pooling) on the sequences cut after their last EOT token.
 
     The text tower is causal, so the EOT feature does not depend on the padding after it: cutting the padding
     gives the same features at a fraction of the cost. ``token_embeds`` (B, L, width) are the token embeddings.
     """
+    assert model.attn_mask is not None  # a causal text tower
     eot = tokens.argmax(dim=-1)
     length = int(eot.max()) + 1
     x = token_embeds[:, :length] + model.positional_embedding[:length]
@@ -187,11 +192,13 @@ def _encode_text(model: nn.Module, tokens: Tensor, token_embeds: Tensor) -> Tens
     x = model.ln_final(x)
     x = x[torch.arange(x.shape[0]), eot]
     proj = model.text_projection
+    if proj is None:  # as in encode_text: no projection
+        return x
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
 @torch.no_grad()
-def _fold_means(model: nn.Module, images: Tensor, tokens: Tensor) -> None:
+def _fold_means(model: OpenClipModel, images: Tensor, tokens: Tensor) -> None:
     """Makes the towers output the centred embeddings they were trained on: subtracts the mean image embedding
     of ``images`` (uint8, unaugmented; every 5th) and the mean text embedding of ``tokens`` (all captions, each
     equally likely) through the biases of the final LayerNorms (exact: ``bias -= mean @ pinv(projection)``).
@@ -201,14 +208,17 @@ def _fold_means(model: nn.Module, images: Tensor, tokens: Tensor) -> None:
     img = torch.cat([model.encode_image(_normalise(images[i : i + 1024].to(torch.float32)))
                      for i in range(0, images.shape[0], 1024)])
     txt = model.encode_text(tokens)
-    for bias, proj, mean in ((model.visual.ln_post.bias, model.visual.proj, img.mean(0)),
-                             (model.ln_final.bias, model.text_projection, txt.mean(0))):
-        bias -= (mean.to(torch.float64) @ torch.linalg.pinv(proj.to(torch.float64))).to(bias.dtype)
+    # The tiny CLIP's towers: a ViT image tower and matrix projections (open_clip's defaults).
+    ln_post, img_proj, txt_proj = model.visual.ln_post, model.visual.proj, model.text_projection
+    assert isinstance(ln_post, nn.LayerNorm) and isinstance(img_proj, Tensor) and isinstance(txt_proj, Tensor)
+    for bias, proj, mean in ((ln_post.bias, img_proj, img.mean(0)), (model.ln_final.bias, txt_proj, txt.mean(0))):
+        bias.sub_((mean.to(torch.float64) @ torch.linalg.pinv(proj.to(torch.float64))).to(bias.dtype))
 
 
-def _param_groups(model: nn.Module, recipe: DigitsPretraining, rows: nn.Parameter) -> list[dict]:
+def _param_groups(model: OpenClipModel, recipe: DigitsPretraining, rows: nn.Parameter) -> list[dict]:
     """AdamW groups: weights (decayed); gains, biases and embeddings incl. ``rows``; ``logit_scale``."""
-    decay, no_decay = [], [rows]
+    decay: list[nn.Parameter] = []
+    no_decay = [rows]
     for name, p in model.named_parameters():
         if p.requires_grad and name != "logit_scale":
             (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
@@ -217,7 +227,7 @@ def _param_groups(model: nn.Module, recipe: DigitsPretraining, rows: nn.Paramete
             {"params": [model.logit_scale], "weight_decay": 0.0, "lr_mult": recipe.scale_lr_mult}]
 
 
-def train_digits_clip(model: nn.Module, images: Tensor, labels: Tensor, recipe: DigitsPretraining,
+def train_digits_clip(model: OpenClipModel, images: Tensor, labels: Tensor, recipe: DigitsPretraining,
                       tokenizer: Callable[[list[str]], Tensor], steps: int | None = None) -> list[float]:
     """Contrastive training of ``model`` in place on digit images and their captions (see the module docstring).
 
@@ -333,7 +343,7 @@ def digits_checkpoint(model_name: str = TINY_CLIP, recipe: DigitsPretraining | N
 
 
 @torch.no_grad()
-def digits_zero_shot_accuracy(model: nn.Module, images: Tensor, labels: Tensor, model_name: str = TINY_CLIP,
+def digits_zero_shot_accuracy(model: OpenClipModel, images: Tensor, labels: Tensor, model_name: str = TINY_CLIP,
                               template: str = 'a photo of the number: "{}".') -> float:
     """Zero-shot top-1 accuracy of an open_clip model on digit images (uint8 (N, 1, 32, 32)), names "0".."9"."""
     tokenizer = _tokenizer(model_name)
