@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedlt.models.base import FedModel
 from fedlt.models.clip import CLIP_MEAN, CLIP_STD, ClipModel, cosine_logits
 from fedlt.types import ClientContext, StepOutput
 
@@ -132,7 +133,7 @@ class ClipKDClient:
     :class:`~fedlt.methods.base.FedMethod` base class, so that its ``training_step`` is the one used.
     """
 
-    model: nn.Module
+    model: FedModel
     loss: Any
     teacher: ClipModel | None
     norm_stats: tuple[tuple[float, ...], tuple[float, ...]] | None
@@ -168,6 +169,7 @@ class ClipKDClient:
         ce = self.loss(logits, y, ctx.class_counts, ctx.round)
         if not self.kd_weight:
             return StepOutput(loss=ce, parts={"loss": ce.detach(), "ce": ce.detach()})
+        assert self.teacher is not None  # built in setup whenever kd_weight > 0
         kd = clip_kd_loss(logits, teacher_logits(self.teacher, x, self.norm_stats, self.teacher_scale),
                           self.kd_temperature)
         loss = ce + self.kd_weight * kd

@@ -12,8 +12,9 @@ steps, ...) are not called: fedlt's evaluator measures GM and PM accuracy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
+import torch
 from torch import Tensor
 
 from fedlt.errors import ConfigError
@@ -26,6 +27,19 @@ if TYPE_CHECKING:
 
 class LightningUnsupported(ConfigError):
     """The method, or one of its settings, cannot train with a user's LightningModule (the message says why)."""
+
+
+class _LightningModule(Protocol):
+    """What the adapter uses of a ``LightningModule`` (Lightning itself is never imported here): its two hooks and
+    the attributes through which Lightning's ``log``, ``optimizers`` and ``manual_backward`` reach a Fabric."""
+
+    _fabric: Any
+    _fabric_optimizers: list[Any]
+    _device: torch.device
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any: ...
+
+    def configure_optimizers(self) -> Any: ...
 
 
 class _FabricShim:
@@ -64,7 +78,7 @@ class LightningClient:
 
     def __init__(self, method: FedMethod, model: UserModel) -> None:
         check_supported(method)
-        module = model.body
+        module = cast(_LightningModule, model.body)  # a LightningModule: FedMethod.setup checked lightning_module
         self.method = method
         self.model = model
         self.module = module
@@ -76,8 +90,8 @@ class LightningClient:
     def configure_optimizers(self) -> Any:
         """The module's optimizers for one client's fit (its batch index starts again at 0)."""
         self._batch_idx = 0
-        with self.model.whole() as module:
-            return module.configure_optimizers()
+        with self.model.whole():  # yields the body, i.e. self.module
+            return self.module.configure_optimizers()
 
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         module = self.module

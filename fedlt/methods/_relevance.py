@@ -201,7 +201,7 @@ def class_selection_probabilities(relevance: Tensor, counts: Tensor, rule: str =
     return SELECTION_RULES[rule](relevance.float(), counts.float().to(relevance.device), temperature)
 
 
-def _multinomial_rows(weights: Tensor, draws: int, generator: torch.Generator) -> Tensor:
+def _multinomial_rows(weights: Tensor, draws: int, generator: torch.Generator | None) -> Tensor:
     """``draws`` indices per row, without replacement where a row has enough positive weights, else with it."""
     out = torch.empty(weights.shape[0], draws, dtype=torch.long)
     enough = (weights > 0).sum(1) >= draws

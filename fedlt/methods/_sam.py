@@ -81,10 +81,13 @@ def frozen_bn_stats(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         with torch.no_grad():
-            for m, mean, var, count in saved:
+            for m, mean, var, count in saved:  # a saved value means the layer held that buffer (and still does)
                 if mean is not None:
+                    assert m.running_mean is not None
                     m.running_mean.copy_(mean)
                 if var is not None:
+                    assert m.running_var is not None
                     m.running_var.copy_(var)
                 if count is not None:
+                    assert m.num_batches_tracked is not None
                     m.num_batches_tracked.copy_(count)

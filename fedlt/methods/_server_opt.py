@@ -114,7 +114,7 @@ class ServerOptReducer(Reducer):
         """The server learning rate of ``round`` (``lr`` without a schedule)."""
         return self.lr if self.lr_schedule is None else self.lr_schedule(self.lr, round, self.rounds)
 
-    def _momentum_step(self, x: list[Tensor], target: list[Tensor], delta: list[Tensor], lr: float) -> None:
+    def _momentum_step(self, x: list[Tensor], target: list[Tensor], delta: tuple[Tensor, ...], lr: float) -> None:
         """``x + eta (beta m + Delta)`` written as ``mean + (eta - 1) Delta + eta beta m``: algebraically the
         same, and exactly the weighted mean (FedAvg, bit for bit) when ``eta = 1`` and ``beta = 0``."""
         step = torch._foreach_mul(delta, lr - 1.0)
@@ -125,7 +125,7 @@ class ServerOptReducer(Reducer):
             torch._foreach_add_(m, delta)
         copy_tensors_(x, torch._foreach_add(target, step))
 
-    def _adaptive_step(self, x: list[Tensor], delta: list[Tensor], lr: float) -> None:
+    def _adaptive_step(self, x: list[Tensor], delta: tuple[Tensor, ...], lr: float) -> None:
         """Reddi et al. Algorithm 2: first moment, Adagrad/Adam/Yogi second moment, ``x += eta m/(sqrt v + tau)``."""
         m = [self.m[k] for k in self.opt_keys]
         v = [self.v[k] for k in self.opt_keys]

@@ -6,7 +6,7 @@ what differs.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ METHODS: Registry[type[FedMethod]] = Registry("method")
 
 _WEIGHT = "__weight__"
 _STAGING_BYTES = 32 << 20  # exact sums stage client terms in up to 32 MiB of float64 rows (see ExactSum)
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def _after_reduce(step: Any) -> Any:
@@ -40,6 +41,15 @@ def _after_reduce(step: Any) -> Any:
                                "buffer in reduce(fabric) (reduce(None) in a single process)")
         return step(self, round)
     return server_step
+
+
+def submodule(model: nn.Module, name: str, kind: type[_M]) -> _M:
+    """``model.<name>``, checked to be a ``kind``: typed access to a submodule whose class the method knows (a head it
+    checked or replaced in ``setup``, a module it added to the model there)."""
+    module = getattr(model, name)
+    if not isinstance(module, kind):
+        raise TypeError(f"model.{name} is a {type(module).__name__}, expected a {kind.__name__}")
+    return module
 
 
 class Reducer:
@@ -63,8 +73,8 @@ class Reducer:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "server_step" in cls.__dict__:
-            cls.server_step = _after_reduce(cls.__dict__["server_step"])
+        if "server_step" in cls.__dict__:  # wraps the subclass's own method on purpose (as Reducer's, below)
+            cls.server_step = _after_reduce(cls.__dict__["server_step"])  # type: ignore[method-assign]
 
     def __init__(self, extras: dict[str, tuple[int, ...]] | None = None) -> None:
         self.extra_shapes = dict(extras or {})
@@ -210,10 +220,11 @@ class FedMethod:
     """
 
     paper: ClassVar[PaperRef | None] = None
-    automatic_optimization: ClassVar[bool] = True
+    # Set by the class, or per instance (a user's LightningModule's own setting, :class:`LightningClient`).
+    automatic_optimization: bool = True
     # Whether the cohort's clients run a second pass after the server step of every round
-    # (:meth:`after_aggregation`, e.g. FedPuReL's interleaved Stage 2).
-    runs_after_aggregation: ClassVar[bool] = False
+    # (:meth:`after_aggregation`, e.g. FedPuReL's interleaved Stage 2); a class or instance setting.
+    runs_after_aggregation: bool = False
     # Whether the method only works on a CLIP model (``clip:<name>``, :class:`fedlt.models.clip.ClipModel`).
     needs_clip: ClassVar[bool] = False
     # Whether the method trains anything (False: no optimizer step, no training loss, the global state never
@@ -233,8 +244,11 @@ class FedMethod:
     run: RunInfo = RunInfo()
     # Set by ``setup``: the workspace model (a FedModel: ``forward_features`` and ``head``), the data and the trainer.
     model: FedModel
+    num_classes: int  # C, the data's
     data: Any
     trainer: LocalTrainer
+    # Set by the engine after ``setup``: the model state-dict keys kept per client (``is_personal``).
+    personal_keys: tuple[str, ...]
     # Where the authors' released code (the code behind the paper's tables) does something other than the paper
     # describes: the constructor arguments that select the code's behaviour, with the code's values. The defaults
     # follow the paper; ``configs/paper/`` files set these values. One named argument per difference; the table
@@ -291,12 +305,14 @@ class FedMethod:
             data: the federated dataset (``num_classes``, ``class_counts``, ``client_class_counts``, ...).
             trainer: the local trainer (``autocast``, ``backward``, ``step``, ``batch_indices``).
         """
-        self.model = model
+        from fedlt.models.custom import UserModel
+
+        self.model = cast("FedModel", model)  # the engine's workspace model is a FedModel (docs/architecture.md 2)
         self.data = data
         self.num_classes = data.num_classes
         self.trainer = trainer
         self.shared_tensors: dict[str, Tensor] = {}
-        if getattr(model, "lightning_module", None) is not None:  # a user's LightningModule (fedlt.models.custom)
+        if isinstance(model, UserModel) and model.lightning_module is not None:  # a user's LightningModule
             from fedlt.methods._lightning import LightningClient
 
             self.lightning = LightningClient(self, model)

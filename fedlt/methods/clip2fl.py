@@ -169,6 +169,7 @@ class CLIP2FL(ClipKDClient, CReFF):
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
         self._setup_teacher(model, data)
+        assert self.teacher is not None  # built: _setup_teacher's default
         self.text_prototypes = self._prototypes(self.teacher.zs_text.detach().float())
 
     def _prototypes(self, text: Tensor) -> Tensor:

@@ -285,7 +285,7 @@ class CReFF(FedAvg):
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
         self.seed_value = self.run.seed if self.seed is None else int(self.seed)
-        self.dim = int(model.num_features)
+        self.dim = int(self.model.num_features)
 
     def configure_reducer(self) -> Reducer:
         self.reducer = CReFFReducer(self, self.num_classes, self.dim)

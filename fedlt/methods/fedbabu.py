@@ -61,7 +61,7 @@ class FedBABU(FedAvg):
     def setup(self, model: nn.Module, data: object, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
         # The head never receives gradients: configure_optimizers only takes parameters that require them.
-        for p in model.head.parameters():
+        for p in self.model.head.parameters():
             p.requires_grad_(False)
 
     @property

@@ -338,6 +338,7 @@ class FedDGGA(FedAvg):
             loss_sum = part_loss if loss_sum is None else loss_sum + part_loss
             correct = part_correct if correct is None else correct + part_correct
         self.model.train(was_training)
+        assert loss_sum is not None and correct is not None  # n > 0: at least one chunk
         return torch.stack([loss_sum, correct]) / n
 
     # -- client half -----------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from fedlt.engine.local_loop import LocalTrainer
 from fedlt.engine.sharding import seeded_generator
 from fedlt.losses import COUNT_EPS, BalancedSoftmax, Loss
 from fedlt.methods._finetune import FrozenKeysReducer, client_counts, client_features, finetune, trainable_only
-from fedlt.methods.base import METHODS, Reducer
+from fedlt.methods.base import METHODS, Reducer, submodule
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import ClientContext, PaperRef, StepOutput
 
@@ -98,6 +98,8 @@ class ETFHead(nn.Module):
         generator: draws the ETF's orthonormal basis and the projection's initial weights.
         basis: the draw behind the ETF's orthonormal basis (:func:`etf_basis`).
     """
+
+    etf: Tensor  # M (d' x C), a buffer
 
     def __init__(self, num_features: int, num_classes: int, proj_dim: int, beta_init: float,
                  generator: torch.Generator, basis: str = "gaussian") -> None:
@@ -171,7 +173,7 @@ class FedETF(FedAvg):
         super().setup(model, data, trainer)
         device = next(model.parameters()).device
         proj_dim = self.proj_dim if self.proj_dim is not None else self.num_classes
-        head = ETFHead(model.num_features, self.num_classes, proj_dim, self.beta_init,
+        head = ETFHead(self.model.num_features, self.num_classes, proj_dim, self.beta_init,
                        seeded_generator(self.run.seed, "fedetf"), self.etf_basis)
         model.head = head.to(device)  # the FedModel contract: the classifier keeps the name ``head``
 
@@ -205,7 +207,7 @@ class FedETF(FedAvg):
 
     def _alternate(self, client_id: int, gen: torch.Generator) -> None:
         """Stage 2: alternately fine-tune M and the projection with cross-entropy on the frozen body's features."""
-        head = self.model.head
+        head = submodule(self.model, "head", ETFHead)  # set in setup
         cached = client_features(self, client_id)
 
         def ce(features: Tensor, y: Tensor) -> Tensor:

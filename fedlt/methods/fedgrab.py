@@ -345,7 +345,7 @@ class FedGraB(FedAvg):
         if not self.train_classifier:
             # The released code's optimizer never holds the classifier: no gradient reaches it (the body still
             # gets its gradient through it), and configure_optimizers only takes parameters that require one.
-            for p in model.head.parameters():
+            for p in self.model.head.parameters():
                 p.requires_grad_(False)
 
     def configure_reducer(self) -> Reducer:

@@ -75,7 +75,7 @@ from torch import Tensor, nn
 
 from fedlt.engine.sharding import seeded_generator
 from fedlt.methods._finetune import FrozenKeysReducer, client_features, finetune, trainable_only
-from fedlt.methods.base import METHODS, Reducer
+from fedlt.methods.base import METHODS, Reducer, submodule
 from fedlt.methods.fedavg import FedAvg
 from fedlt.methods.fedetf import ETF_BASES, simplex_etf
 from fedlt.types import ClientContext, PaperRef, StepOutput
@@ -147,6 +147,7 @@ def build_sse_c(dim: int, num_classes: int, beta: float = 0.6, gamma: float = 1.
             for _ in range(steps):
                 opt.zero_grad(set_to_none=False)
                 sse_loss(w, gamma).backward()
+                assert w.grad is not None  # w is a leaf that requires grad
                 w.grad.mul_(mask)
                 opt.step()
     return w.detach(), mask
@@ -164,6 +165,9 @@ def la_fr(source: Tensor, local_weight: Tensor) -> Tensor:
 
 class SSEClassifier(nn.Module):
     """psi_S as buffers (never trained): logits = h W^T (+ a frozen random bias with ``sse_bias="random_frozen"``)."""
+
+    weight: Tensor
+    bias: Tensor | None
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         super().__init__()
@@ -226,7 +230,8 @@ class FedLoGe(FedAvg):
             raise ValueError(f"la_fr_finetune_epochs must be >= 0, got {la_fr_finetune_epochs}")
         self.beta, self.gamma, self.sse_steps, self.sse_lr = beta, gamma, sse_steps, sse_lr
         self.sse_bias, self.ga_fr_scale, self.la_fr_source = sse_bias, ga_fr_scale, la_fr_source
-        self.pm_logits, self.la_fr_finetune_epochs = pm_logits, la_fr_finetune_epochs
+        # ``pm_logits_mode``: the name ``pm_logits`` is FedMethod's PM-logits hook.
+        self.pm_logits_mode, self.la_fr_finetune_epochs = pm_logits, la_fr_finetune_epochs
         self.gm_head, self.pm_head, self.realign = gm_head, pm_head, realign
         self.etf_basis = etf_basis
         self.realigned = realign == "every_eval"
@@ -238,7 +243,7 @@ class FedLoGe(FedAvg):
         head = getattr(model, "head", None)
         if not isinstance(head, nn.Linear) or head.bias is None:
             raise ValueError("FedLoGe needs a backbone whose classifier ``head`` is an nn.Linear with bias")
-        device, d, c = head.weight.device, model.num_features, self.num_classes
+        device, d, c = head.weight.device, self.model.num_features, self.num_classes
         if d < c:
             raise ValueError(f"FedLoGe's SSE-C needs feature dimension d >= C, got d={d}, C={c}")
         gen = seeded_generator(self.run.seed, "fedloge-sse-c")
@@ -261,14 +266,30 @@ class FedLoGe(FedAvg):
             local.bias.copy_(torch.rand(c, generator=lgen) * 2 / math.sqrt(d) - 1 / math.sqrt(d))
         model.l_head = local
 
+    @property
+    def _psi(self) -> nn.Linear:
+        """psi, the global head (``model.head``, an ``nn.Linear`` with bias: checked in :meth:`setup`)."""
+        return submodule(self.model, "head", nn.Linear)
+
+    @property
+    def _sse(self) -> SSEClassifier:
+        """psi_S, the SSE-C (``model.sse``, added in :meth:`setup`)."""
+        return submodule(self.model, "sse", SSEClassifier)
+
+    @property
+    def _phi(self) -> nn.Linear:
+        """phi_k, the local head (``model.l_head``, added in :meth:`setup`)."""
+        return submodule(self.model, "l_head", nn.Linear)
+
     def configure_reducer(self) -> Reducer:
         return FrozenKeysReducer(lambda key: key.startswith(_SSE))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """[backbone theta, global head psi, local head phi_k], fresh every round."""
-        heads = {id(p) for p in self.model.head.parameters()} | {id(p) for p in self.model.l_head.parameters()}
+        psi, phi = self._psi, self._phi
+        heads = {id(p) for p in psi.parameters()} | {id(p) for p in phi.parameters()}
         body = [p for p in self.model.parameters() if p.requires_grad and id(p) not in heads]
-        return [self._sgd(body), self._sgd(self.model.head.parameters()), self._sgd(self.model.l_head.parameters())]
+        return [self._sgd(body), self._sgd(psi.parameters()), self._sgd(phi.parameters())]
 
     def _sgd(self, params: Any) -> torch.optim.Optimizer:
         return torch.optim.SGD(list(params), lr=self.current_lr, momentum=self.momentum, weight_decay=self.weight_decay)
@@ -279,18 +300,19 @@ class FedLoGe(FedAvg):
         opt_theta, opt_psi, opt_phi = self._optimizers
         model = self.model
         h = model.forward_features(x)
-        loss_theta = self.loss(model.sse(h), y, ctx.class_counts, ctx.round)
+        loss_theta = self.loss(self._sse(h), y, ctx.class_counts, ctx.round)
         self.trainer.backward(loss_theta)
         self.trainer.step(opt_theta, self.grad_clip, update_scaler=False)
         h_bar = h.detach()  # features of the pre-update backbone (one forward pass per batch, as in the code)
         loss_psi = F.cross_entropy(model.head(h_bar), y)
         self.trainer.backward(loss_psi)
         self.trainer.step(opt_psi, self.grad_clip, update_scaler=False)
-        loss_phi = F.cross_entropy(model.l_head(h_bar), y)
+        loss_phi = F.cross_entropy(self._phi(h_bar), y)
         self.trainer.backward(loss_phi)
         self.trainer.step(opt_phi, self.grad_clip)
         parts = {"backbone": loss_theta.detach(), "global_head": loss_psi.detach(), "local_head": loss_phi.detach()}
-        return StepOutput(loss=None, parts={"loss": sum(parts.values()), **parts})
+        total = parts["backbone"] + parts["global_head"] + parts["local_head"]
+        return StepOutput(loss=None, parts={"loss": total, **parts})
 
     # -- inference -------------------------------------------------------------------------------------------
     def on_fit_end(self, simulator: Any) -> bool:
@@ -304,9 +326,9 @@ class FedLoGe(FedAvg):
         """GM logits of features ``h`` with ``head`` (default: the configured GM head, or SSE-C before a
         post-training realignment)."""
         head = head or (self.gm_head if self.realigned else "sse")
-        psi = self.model.head
+        psi = self._psi
         if head == "sse":
-            return self.model.sse(h)
+            return self._sse(h)
         if head == "aux":
             return psi(h)
         return F.linear(h, ga_fr(psi.weight, self.ga_fr_scale), psi.bias)
@@ -316,13 +338,13 @@ class FedLoGe(FedAvg):
 
     def realigned_local_head(self) -> tuple[Tensor, Tensor]:
         """(phi'_k weight, bias) of the client whose local head is in the workspace (LA-FR)."""
-        psi = self.model.head
+        psi = self._psi
         source = psi.weight if self.la_fr_source == "raw_psi" else ga_fr(psi.weight, self.ga_fr_scale)
-        return la_fr(source, self.model.l_head.weight), psi.bias
+        return la_fr(source, self._phi.weight), psi.bias
 
     def _personal_logits(self, h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         realigned = F.linear(h, weight, bias)
-        return realigned + self.model.l_head(h) if self.pm_logits == "local_plus_realigned" else realigned
+        return realigned + self._phi(h) if self.pm_logits_mode == "local_plus_realigned" else realigned
 
     @property
     def _use_la_fr(self) -> bool:
@@ -349,9 +371,10 @@ class FedLoGe(FedAvg):
     def predict_personal(self, x: Tensor, client_id: int) -> Tensor:
         h = self.model.forward_features(x)
         if not self._use_la_fr:
-            return self.model.head(h) + self.model.l_head(h)
+            return self.model.head(h) + self._phi(h)
         if self._pm_cache is None or self._pm_cache[0] != client_id:
             self.prepare_personal(client_id)
+        assert self._pm_cache is not None  # set by prepare_personal (LA-FR is in use)
         _, weight, bias = self._pm_cache
         return self._personal_logits(h, weight.to(h.dtype), bias.to(h.dtype))
 

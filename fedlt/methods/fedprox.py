@@ -62,6 +62,7 @@ class FedProx(FedAvg):
         out = super().training_step(batch, ctx)
         if self.mu == 0:
             return out
+        assert out.loss is not None, "FedProx adds its proximal term to the step's loss (automatic optimization)"
         prox = torch.stack([(p - g).pow(2).sum() for p, g in self._prox_pairs]).sum()
         loss = out.loss + 0.5 * self.mu * prox
         return StepOutput(loss=loss, parts={"loss": loss.detach(), "ce": out.loss.detach(), "prox": prox.detach()})

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from fedlt.engine.local_loop import LocalTrainer
 from fedlt.losses import BalancedSoftmax, Loss
-from fedlt.methods.base import METHODS
+from fedlt.methods.base import METHODS, submodule
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import ClientContext, PaperRef, StepOutput
 
@@ -62,10 +62,10 @@ class FedRoD(FedAvg):
 
     def setup(self, model: nn.Module, data: object, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
-        head = model.head
+        head = self.model.head
         weight = next(head.parameters())
         # skip_init: no draw from the global RNG; the weights are copied or zeroed below (identical on all ranks).
-        p_head = nn.utils.skip_init(nn.Linear, model.num_features, self.num_classes, device=weight.device,
+        p_head = nn.utils.skip_init(nn.Linear, self.model.num_features, self.num_classes, device=weight.device,
                                      dtype=weight.dtype)
         with torch.no_grad():
             if self.personal_init == "copy":
@@ -78,9 +78,14 @@ class FedRoD(FedAvg):
                 p_head.bias.zero_()
         model.p_head = p_head
 
+    @property
+    def _p_head(self) -> nn.Linear:
+        """h_k, the personal head (``model.p_head``, added in :meth:`setup`)."""
+        return submodule(self.model, "p_head", nn.Linear)
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """[body + generic head, personal head], fresh for every client."""
-        personal = list(self.model.p_head.parameters())
+        personal = list(self._p_head.parameters())
         ids = {id(p) for p in personal}
         generic = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
         return [self._sgd(generic), self._sgd(personal)]
@@ -95,7 +100,7 @@ class FedRoD(FedAvg):
         z_g = self.model.head(features)
         loss_g = self.loss(z_g, y, ctx.class_counts, ctx.round)
         # Personal loss on the detached generic logits and features: only h_k learns from it.
-        loss_p = F.cross_entropy(z_g.detach() + self.model.p_head(features.detach()), y)
+        loss_p = F.cross_entropy(z_g.detach() + self._p_head(features.detach()), y)
         for opt, loss in ((opt_generic, loss_g), (opt_personal, loss_p)):
             self.manual_backward(loss)
             opt.step()
@@ -118,4 +123,4 @@ class FedRoD(FedAvg):
 
     def pm_logits(self, features: Tensor, client_id: int) -> Tensor:
         """z_g + h_k(features)."""
-        return self.model.head(features) + self.model.p_head(features)
+        return self.model.head(features) + self._p_head(features)

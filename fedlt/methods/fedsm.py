@@ -229,7 +229,7 @@ class FedSMReducer(Reducer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         fedsm = {"prototypes": self.prototypes.cpu().clone(), "seen": self.seen.cpu().clone()}
-        if self.head_w is not None:
+        if self.head_w is not None and self.head_b is not None:  # set together
             fedsm.update(head_w=self.head_w.cpu().clone(), head_b=self.head_b.cpu().clone())
         state["fedsm"] = fedsm
         return state
@@ -354,7 +354,7 @@ class FedSM(ClipKDClient, FedAvg):
     def setup(self, model: nn.Module, data: Any, trainer: LocalTrainer) -> None:
         super().setup(model, data, trainer)
         self.seed_value = self.run.seed if self.seed is None else int(self.seed)
-        self.dim = int(model.num_features)
+        self.dim = int(self.model.num_features)
         head = getattr(model, "head", None)
         if (self.retrain_init == "received" or self.retrained_head_use == "replace") and not (
                 isinstance(head, nn.Linear) and head.bias is not None):

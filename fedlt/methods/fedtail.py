@@ -83,13 +83,16 @@ Deliberate choices and deviations (all arguments):
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from fedlt.methods._dg import (
@@ -104,7 +107,7 @@ from fedlt.methods._dg import (
     make_domain_heads,
 )
 from fedlt.methods._sam import frozen_bn_stats, perturbation, restore_, shift_
-from fedlt.methods.base import METHODS, Reducer
+from fedlt.methods.base import METHODS, Reducer, submodule
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import ClientContext, ClientUpdate, PaperRef, StepOutput
 
@@ -117,20 +120,25 @@ _MOMENTS = "dg_moments"  # (M, C, 2d + 1): per (domain, class) sum h, sum h^2 an
 _COHERENCE = ("linear", "hinge", "cos")
 
 
+def _sum(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of tensors (at least one), left to right: the built-in ``sum`` without its ``0`` start."""
+    return functools.reduce(operator.add, terms)
+
+
 def coherence_loss(g_cls: list[Tensor], g_adv: list[Tensor], alpha: float, mode: str = "linear") -> Tensor:
     """Gradient-coherence penalty on the shared extractor (docs/reference.md 6.2 step 2).
 
     ``linear``: -alpha <g_cls, g_adv>; ``hinge``: alpha max(0, -<g_cls, g_adv>); ``cos``: -alpha cos(g_cls, g_adv).
     The gradients must carry their graphs (``create_graph=True``) for the penalty to be differentiable.
     """
-    dot = sum((a * b).sum() for a, b in zip(g_cls, g_adv))
+    dot = _sum((a * b).sum() for a, b in zip(g_cls, g_adv))
     if mode == "linear":
         return -alpha * dot
     if mode == "hinge":
         return alpha * torch.relu(-dot)
     if mode == "cos":
-        na = torch.sqrt(sum((a * a).sum() for a in g_cls))
-        nb = torch.sqrt(sum((b * b).sum() for b in g_adv))
+        na = torch.sqrt(_sum((a * a).sum() for a in g_cls))
+        nb = torch.sqrt(_sum((b * b).sum() for b in g_adv))
         return -alpha * dot / (na * nb + 1e-12)
     raise ValueError(f"unknown coherence mode {mode!r}; valid: {', '.join(_COHERENCE)}")
 
@@ -150,13 +158,13 @@ def top_hessian_eigenvalue(loss: Tensor, params: list[Tensor], iters: int = 10,
     """
     grads = torch.autograd.grad(loss, params, create_graph=True)
     v = [torch.randn(p.shape, generator=generator).to(p.device, p.dtype) for p in params]
-    norm = torch.sqrt(sum((t * t).sum() for t in v))
+    norm = torch.sqrt(_sum((t * t).sum() for t in v))
     v = [t / norm for t in v]
     lam = 0.0
     for _ in range(max(1, iters)):
         hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
         lam = float(sum((h * t).sum() for h, t in zip(hv, v)))
-        norm = torch.sqrt(sum((h * h).sum() for h in hv))
+        norm = torch.sqrt(_sum((h * h).sum() for h in hv))
         if float(norm) == 0.0:
             return 0.0
         v = [h.detach() / norm for h in hv]
@@ -269,11 +277,12 @@ class FedTAILReducer(DomainHeadReducer):
             Reducer.server_step(self, round)
         with torch.no_grad():
             if self.moments is not None:
-                new = self.extras_sum[_MOMENTS].view(self.moment_shape)
+                new = self.extras_sum[_MOMENTS].view(self.moments.shape)  # of shape moment_shape
                 fresh = new[..., -1:] > 0
                 self.moments.copy_(torch.where(fresh, new, self.moments))
             if self.teacher:
                 m = self.teacher_momentum
+                assert m is not None  # the teacher exists only with a momentum (setup)
                 for k, v in self.teacher.items():
                     g = self.global_state[k]
                     if v.is_floating_point():
@@ -509,6 +518,21 @@ class FedTAIL(FedAvg):
         self._head_keys, self._head_numel = domain_head_keys(model, ("dg_aux", "dg_adv"), self.num_domains)
         self._has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
+    @property
+    def _dg_disc(self) -> nn.Module:
+        """The domain discriminator D_psi (``model.dg_disc``, added in :meth:`setup` when adversarial)."""
+        return submodule(self.model, "dg_disc", nn.Module)
+
+    @property
+    def _dg_aux(self) -> nn.ModuleList:
+        """The auxiliary domain heads T_d (``model.dg_aux``, added in :meth:`setup` with domain heads)."""
+        return submodule(self.model, "dg_aux", nn.ModuleList)
+
+    @property
+    def _dg_adv(self) -> nn.ModuleList:
+        """The adversarial domain heads T'_d (``model.dg_adv``, added in :meth:`setup` with domain heads)."""
+        return submodule(self.model, "dg_adv", nn.ModuleList)
+
     def client_state_template(self) -> dict[str, Tensor]:
         return {_LAMBDA: torch.zeros(self.num_classes)} if self.class_sam and self.hessian_ema > 0 else {}
 
@@ -646,7 +670,7 @@ class FedTAIL(FedAvg):
         if self.er_weight > 0 and self.er_rho == 0:
             parts["er"] = self._sharp_er(x, y, dom, h, g_cls, ctx, add)
         if self.uses_domain_heads:
-            l_aux = aux_head_loss(self.model.dg_aux, h, y, dom, self.num_classes)
+            l_aux = aux_head_loss(self._dg_aux, h, y, dom, self.num_classes)
             add(self._aux, torch.autograd.grad(l_aux, self._aux, allow_unused=True))
             parts["aux"] = l_aux.detach()
         del logits, h
@@ -690,7 +714,7 @@ class FedTAIL(FedAvg):
         # The extractor's reversed gradient -kappa grad_theta L_D is formed explicitly rather than by a GRL inside the
         # graph: under create_graph a GRL would also reverse (and scale) the second-order path through the features,
         # and the coherence update would not be the gradient of L_coh (same first-order step).
-        l_d = F.cross_entropy(self.model.dg_disc(feats), labels)
+        l_d = F.cross_entropy(self._dg_disc(feats), labels)
         weight = self.adv_weight * self._warm
         g_d = torch.autograd.grad(weight * l_d, theta + self._psi, retain_graph=True, create_graph=coh_on,
                                   allow_unused=True)
@@ -741,8 +765,9 @@ class FedTAIL(FedAvg):
         targets = w + (self._adv_heads if self.uses_domain_heads else [])
         with frozen_bn_stats(self.model):
             feats = self.model.forward_features(x) if eps is not None else h
+            assert feats is not None  # h is given when er_rho = 0 (no perturbation)
             if self.qt == "domain_heads":
-                cross, adv = entropy_regularization(self.model.dg_aux, self.model.dg_adv, feats, y, dom,
+                cross, adv = entropy_regularization(self._dg_aux, self._dg_adv, feats, y, dom,
                                                     self.trained_domains, self.num_classes, self.er_cross_scale,
                                                     self.er_adv_coeff)
                 loss = cross + adv

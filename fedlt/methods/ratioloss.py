@@ -100,17 +100,19 @@ class RatioLossReducer(Reducer):
         m = self.method
         load_global_into_workspace(m, self.global_state)
         model, head = m.model, m.model.head
+        weight = head.weight
+        assert isinstance(weight, Tensor), "Ratio Loss needs an output layer with a (C, d) weight at model.head.weight"
         was_training = model.training
         model.eval()
         x, y = m.data.get_batch(m.data.train, m.aux_indices, None, train=False)
         with m.trainer.autocast():
             h = torch.cat([model.forward_features(xb) for xb in x.split(512)]).float()
         model.train(was_training)
-        grads = torch.zeros(m.num_classes, *head.weight.shape, device=h.device)
+        grads = torch.zeros(m.num_classes, *weight.shape, device=h.device)
         for p in range(m.num_classes):
             sel = y == p
             if bool(sel.any()):
-                grads[p] = classifier_grad(h[sel], y[sel], head.weight.float(), _bias(head))[0]
+                grads[p] = classifier_grad(h[sel], y[sel], weight.float(), _bias(head))[0]
         return grads
 
     def broadcast_extras(self, round: int) -> dict[str, Tensor]:

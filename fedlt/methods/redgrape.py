@@ -93,7 +93,7 @@ from torch import Tensor, nn
 from fedlt.engine.local_loop import LocalTrainer
 from fedlt.engine.sharding import derive_seed
 from fedlt.methods._lt_common import classifier_grad
-from fedlt.methods.base import METHODS, Reducer
+from fedlt.methods.base import METHODS, Reducer, submodule
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import ClientContext, ClientUpdate, PaperRef, StepOutput
 
@@ -318,8 +318,18 @@ class RedGrape(FedAvg):
             sup.bias.copy_(bias)
         model.sup_head = sup
 
+    @property
+    def _head(self) -> nn.Linear:
+        """W, the re-balanced classifier (``model.head``, an ``nn.Linear``: checked in :meth:`setup`)."""
+        return submodule(self.model, "head", nn.Linear)
+
+    @property
+    def _sup_head(self) -> nn.Linear:
+        """W^, the supplementary classifier (``model.sup_head``, added in :meth:`setup`)."""
+        return submodule(self.model, "sup_head", nn.Linear)
+
     def configure_reducer(self) -> Reducer:
-        head = self.model.head
+        head = self._head
         return RedGrapeReducer(head.out_features, head.in_features)
 
     # -- client half -----------------------------------------------------------------------------------------
@@ -327,13 +337,14 @@ class RedGrape(FedAvg):
         """Local prototypes on the received model, the round's balanced set and the global prototype part."""
         self._reset_round()
         idx = self.data.client_indices[ctx.client_id]
-        self._upload = self.local_prototypes(idx, ctx.generator)
+        upload = self.local_prototypes(idx, ctx.generator)
+        self._upload: tuple[Tensor, Tensor, Tensor] | None = upload
         if ctx.round <= 1 and not self.rebalance_first_round:
             return
-        self._restarts = bool((self._upload[2] >= self.threshold).any())
+        self._restarts = bool((upload[2] >= self.threshold).any())
         if self.lam == 0:
             return
-        bal_classes = self._draw_balanced_set(idx, self._upload[2], ctx.generator)
+        bal_classes = self._draw_balanced_set(idx, upload[2], ctx.generator)
         self._proto_part = self._global_prototype_part(bal_classes, ctx.message.extras)
         self._active = self._n_bal > 0 or self._proto_part is not None
 
@@ -344,7 +355,7 @@ class RedGrape(FedAvg):
         Returns:
             (proto_w (C, C, d), proto_b (C, C), counts (C,)).
         """
-        head, c = self.model.head, self.num_classes
+        head, c = self._head, self.num_classes
         was_training = self.model.training
         self.model.eval()
         device = head.weight.device
@@ -397,9 +408,10 @@ class RedGrape(FedAvg):
             carried: (W, b) gradients added to the real part (``grad_accumulation``: the previous step's clipped
                 head gradient that the official balanced backward adds onto).
         """
-        head, c = self.model.head, self.num_classes
+        head, c = self._head, self.num_classes
         parts_w, parts_b, weights = [], [], []
         if self._n_bal > 0:
+            assert self._x_bal is not None and self._y_bal is not None  # drawn with the _n_bal classes
             with torch.no_grad():
                 h = self.model.forward_features(self._x_bal)
                 with torch.autocast(h.device.type, enabled=False):
@@ -422,10 +434,14 @@ class RedGrape(FedAvg):
 
     def _local_head_grad(self) -> tuple[Tensor, Tensor | None]:
         """The true (unscaled, unclipped) gradient of the local loss w.r.t. W and b."""
-        head = self.model.head
+        head = self._head
+        assert head.weight.grad is not None  # read after the local backward
         inv = 1.0 / self.trainer.scaler.get_scale() if self.trainer.scaler is not None else 1.0
         g_w = head.weight.grad.float() * inv
-        g_b = head.bias.grad.float() * inv if head.bias is not None else None
+        g_b: Tensor | None = None
+        if head.bias is not None:
+            assert head.bias.grad is not None
+            g_b = head.bias.grad.float() * inv
         return g_w, g_b
 
     def _restore_carried(self) -> tuple[Tensor, Tensor | None] | None:
@@ -436,7 +452,7 @@ class RedGrape(FedAvg):
         if carried is None:
             return None
         if self._restarts:
-            head = self.model.head
+            head = self._head
             grads = {id(p): g for p, g in carried}
             if id(head.weight) not in grads:
                 return None
@@ -463,7 +479,7 @@ class RedGrape(FedAvg):
         (opt,) = self._optimizers
         carried_head = self._restore_carried() if self.grad_accumulation else None
         h = self.model.forward_features(x)
-        z = self.model.head(h) + self.model.sup_head(h)
+        z = self.model.head(h) + self._sup_head(h)
         loss = self.loss(z, y, ctx.class_counts, ctx.round)
         self.trainer.backward(loss)
         clip = self.grad_clip if self.update == "code" else None
@@ -476,26 +492,39 @@ class RedGrape(FedAvg):
         bal_w, bal_b = self.balanced_gradient(carried_head)
         loc_w, loc_b = self._local_head_grad()
         hat_w, hat_b = norm_match(bal_w, bal_b, loc_w, loc_b, self.norm_match)
-        head = self.model.head
         if self.update == "code":
             self.trainer.step(opt, clip)
             if held is not None:
                 self._keep_carried(held)
-            with torch.no_grad():
-                head.weight.sub_(hat_w.to(head.weight.dtype), alpha=self.current_lr * self.lam)
-                if head.bias is not None:
-                    head.bias.sub_(hat_b.to(head.bias.dtype), alpha=self.current_lr * self.lam)
+            self._rebalancing_step(hat_w, hat_b)
         else:
-            scale = self.trainer.scaler.get_scale() if self.trainer.scaler is not None else 1.0
-            with torch.no_grad():
-                head.weight.grad.add_(hat_w.to(head.weight.grad.dtype), alpha=self.lam * scale)
-                if head.bias is not None:
-                    head.bias.grad.add_(hat_b.to(head.bias.grad.dtype), alpha=self.lam * scale)
+            self._add_rebalancing_grad(hat_w, hat_b)
             self.trainer.step(opt, None)
         return StepOutput(loss=None, parts={"loss": loss.detach()})
 
+    @torch.no_grad()
+    def _rebalancing_step(self, hat_w: Tensor, hat_b: Tensor | None) -> None:
+        """``update="code"``: the separate momentum-free, unclipped step W <- W - lr lam g^ (weight and bias)."""
+        head = self._head
+        head.weight.sub_(hat_w.to(head.weight.dtype), alpha=self.current_lr * self.lam)
+        if head.bias is not None:
+            assert hat_b is not None  # the bias has a local gradient, so g^ has a bias part
+            head.bias.sub_(hat_b.to(head.bias.dtype), alpha=self.current_lr * self.lam)
+
+    @torch.no_grad()
+    def _add_rebalancing_grad(self, hat_w: Tensor, hat_b: Tensor | None) -> None:
+        """``update="paper"``: W.grad += lam g^ (in the gradient scaler's scale)."""
+        head = self._head
+        scale = self.trainer.scaler.get_scale() if self.trainer.scaler is not None else 1.0
+        assert head.weight.grad is not None  # after the local backward
+        head.weight.grad.add_(hat_w.to(head.weight.grad.dtype), alpha=self.lam * scale)
+        if head.bias is not None:
+            assert head.bias.grad is not None and hat_b is not None
+            head.bias.grad.add_(hat_b.to(head.bias.grad.dtype), alpha=self.lam * scale)
+
     def on_client_end(self, ctx: ClientContext) -> ClientUpdate:
         """Model tensors (weight n_k) plus the local prototypes of the owned classes."""
+        assert self._upload is not None  # computed in on_client_start
         proto_w, proto_b, counts = self._upload
         self._upload = None
         self._reset_round()

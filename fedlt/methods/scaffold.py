@@ -28,6 +28,7 @@ large models or many clients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -93,7 +94,7 @@ class _CorrectedSGD(torch.optim.SGD):
     and the method keeps automatic optimization.
     """
 
-    def __init__(self, params: list[Tensor], corrections: list[tuple[Tensor, Tensor]], **kwargs: Any) -> None:
+    def __init__(self, params: Sequence[Tensor], corrections: list[tuple[Tensor, Tensor]], **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.corrections = corrections
 

@@ -282,7 +282,7 @@ def test_fedloge_builds_its_sse_c_on_the_chosen_basis(basis):
                                      "ga_fr_scale": 1.7, "la_fr_source": "raw_psi",
                                      "pm_logits": "local_plus_realigned"}
     default = FedLoGe()
-    assert (default.la_fr_source, default.pm_logits) == ("ga_fr_psi", "realigned_only")  # the paper's Algorithm 1
+    assert (default.la_fr_source, default.pm_logits_mode) == ("ga_fr_psi", "realigned_only")  # the paper's Algorithm 1
     with pytest.raises(ValueError, match="etf_basis"):
         FedLoGe(etf_basis="normal")
 
