@@ -21,11 +21,11 @@ from torch import Tensor
 from fedlt.engine.client_state import ClientStateStore
 from fedlt.engine.comm import Comm, RunInfo
 from fedlt.engine.evaluation import Evaluator
-from fedlt.engine.exact import ExactSumOverflow, sum_host_rows
+from fedlt.engine.exact import ExactSum, ExactSumOverflow, sum_host_rows
 from fedlt.engine.faults import failpoint
 from fedlt.engine.local_loop import COUNT, LocalTrainer, NonFiniteLossError, part_metric
 from fedlt.engine.params import copy_tensors_, model_tensors, snapshot, split_keys
-from fedlt.engine.sharding import assign_to_ranks, client_seed, sample_cohort, seed_global_rng
+from fedlt.engine.sharding import assign_to_ranks, client_seed, derive_seed, sample_cohort, seed_global_rng
 from fedlt.types import ClientContext, ServerMessage
 
 if TYPE_CHECKING:
@@ -223,6 +223,41 @@ class Simulator:
         out = body(ctx)
         self.save_client(client_id, ctx.state)
         return out
+
+    def client_sums(self, body: Callable[[ClientContext, Tensor], Sequence[Tensor | None]], sizes: Sequence[int],
+                    tag: int, clients: Sequence[int] | None = None,
+                    references: Sequence[float] | None = None) -> list[Tensor]:
+        """Server-side statistics gathered from clients: the sums over ``clients`` (default: every client) of what
+        ``body(ctx, train_indices)`` returns, one tensor (or ``None``: nothing) per segment of ``sizes`` elements.
+
+        Each client runs once, on one rank, through :meth:`client_pass` on the current global model (seeded from
+        the run seed, ``tag`` and the client id); the sums are exact (:class:`~fedlt.engine.exact.ExactSum`), so
+        every rank returns the same float64 tensors, bit for bit, for any world size. A collective: every rank
+        calls it. A post-training stage collects class statistics with it (CCVR's feature means and
+        covariances), a server step any other per-client quantity.
+
+        Args:
+            body: what a client contributes; its tensors are flattened into the segments.
+            sizes: the number of elements of each segment.
+            tag: separates the clients' seeds from those of their other passes.
+            clients: the clients that contribute.
+            references: a magnitude per segment that every rank knows (default 1): the sums keep 52 bits below
+                it and may reach about 2^30 times it.
+
+        Returns:
+            One float64 tensor per segment (flat), the sum over the clients.
+        """
+        chosen = list(range(self.data.num_clients)) if clients is None else sorted(set(clients))
+        acc = ExactSum(list(sizes), self.device)
+        if references is not None:
+            acc.set_references(references)
+        message = self.reducer.broadcast(self.round)
+        for cid in chosen[self.rank :: self.world_size]:
+            indices = self.data.client_indices[cid]
+            parts = self.client_pass(cid, message, derive_seed(self.seed, tag, cid),
+                                     lambda ctx: body(ctx, indices))  # noqa: B023 (runs before the next client)
+            acc.add_([p.detach().reshape(-1) if p is not None else None for p in parts])
+        return list(torch.split(acc.all_reduce(self.comm), list(sizes)))
 
     def sync_clients(self, clients: list[int], mine: list[int]) -> None:
         """After a client pass over ``clients`` (``mine`` on this rank): every rank sees every client's state."""

@@ -1,5 +1,7 @@
 """Runs every given method for 2 rounds with COHORT clients per round over WORLD CPU ranks (gloo) and saves,
-per method, the global state, the client store, the train metrics of both rounds and the evaluation. One Fabric
+per method, the global state, the client store, the train metrics of both rounds and the evaluation, then runs
+its post-training stages (``on_fit_end``, as ``fedlt fit`` does) and saves the global state and the evaluation
+after them. One Fabric
 launch serves all methods; every rank runs single-threaded, so that launches of any world size compute alike.
 
 Usage: python tests/methods/ddp_worker.py OUT_DIR WORLD COHORT METHOD [METHOD ...]
@@ -36,9 +38,12 @@ def main(out: Path, world: int, cohort: int, names: list[str]) -> None:
             m.pop("time/round_s", None)
         metrics = sim.evaluate()
         store = sim.store.state_dict()
+        final = {k: v.detach().cpu().clone() for k, v in sim.global_state.items()}
+        sim.store.begin_round(sim.round + 1)
+        post = sim.evaluate() if sim.method.on_fit_end(sim) else None
         if fabric.global_rank == 0:
-            torch.save({"global": {k: v.cpu() for k, v in sim.global_state.items()}, "store": store,
-                        "train": train, "metrics": metrics}, out / f"{name}-w{world}.pt")
+            torch.save({"global": final, "store": store, "train": train, "metrics": metrics, "post": post,
+                        "post_global": {k: v.cpu() for k, v in sim.global_state.items()}}, out / f"{name}-w{world}.pt")
         fabric.barrier()
 
 

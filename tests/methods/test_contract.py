@@ -176,7 +176,8 @@ def _assert_bitwise(got: dict, want: dict, what: str) -> None:
 def test_world_size_invariance_is_bitwise(name, world, cohort, ddp_results):
     """2 ranks splitting a cohort of 3 unevenly and 3 ranks with one idle give the single process's results bit
     for bit: the global state, every client's persistent state, the train metrics of each round, and the GM/PM
-    evaluation (exact, order-independent aggregation; evaluation batches do not depend on the world size)."""
+    evaluation, and both again after the post-training stages (exact, order-independent aggregation; evaluation batches
+    do not depend on the world size)."""
     one = torch.load(ddp_results / f"c{cohort}" / f"{name}-w1.pt", weights_only=False)
     many = torch.load(ddp_results / f"c{cohort}" / f"{name}-w{world}.pt", weights_only=False)
     _assert_bitwise(many["global"], one["global"], "global state")
@@ -189,3 +190,10 @@ def test_world_size_invariance_is_bitwise(name, world, cohort, ddp_results):
     assert {k: v for k, v in many["metrics"].items() if k not in nan} == \
         {k: v for k, v in one["metrics"].items() if k not in nan}
     assert all(many["metrics"][k] != many["metrics"][k] for k in nan)
+    # Post-training stages (realignment, calibration, post-hoc personalization) are world-size invariant too.
+    _assert_bitwise(many["post_global"], one["post_global"], "global state after on_fit_end")
+    assert (many["post"] is None) == (one["post"] is None)
+    if one["post"] is not None:
+        nan = [k for k, v in one["post"].items() if v != v]
+        assert {k: v for k, v in many["post"].items() if k not in nan} == \
+            {k: v for k, v in one["post"].items() if k not in nan}
