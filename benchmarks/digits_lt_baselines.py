@@ -102,6 +102,14 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def _value(report: dict, key: str) -> float:
+    """A run's cell value: its evaluation after a post-training stage when it has one, else its mean over the
+    last evaluated rounds."""
+    if "post_training" in report:
+        return float(report["post_training"].get(key, float("nan")))
+    return float(report["mean_last"].get(key, float("nan")))
+
+
 def table(results: dict[str, list[dict]], seeds: list[int], rounds: int, command: str,
           title: str = "Baselines on embedded digits-LT", old: str = "") -> str:
     """The results table; with ``old`` (an existing table), the rows of methods not in ``results`` are copied
@@ -127,10 +135,16 @@ def table(results: dict[str, list[dict]], seeds: list[int], rounds: int, command
         if name and name != "method":
             rows[name] = line if line.startswith(f"| {name} (kept) |") else line.replace(f"| {name} |",
                                                                                          f"| {name} (kept) |", 1)
+    post = []
     for method, reports in results.items():
-        cells = [_cell([r["mean_last"].get(k, float("nan")) for r in reports]) for _, k in COLUMNS]
+        cells = [_cell([_value(r, k) for r in reports]) for _, k in COLUMNS]
         rows[method] = f"| {method} | " + " | ".join(cells) + " |"
+        if any("post_training" in r for r in reports):
+            post.append(method)
     lines += rows.values()
+    if post:
+        lines += ["", f"Rows {', '.join(post)}: the evaluation after the method's post-training stage (e.g. CCVR's "
+                  "classifier calibration), which the last evaluated rounds do not include."]
     if any("(kept) |" in r for r in rows.values()):
         lines += ["", "Rows marked (kept) were not re-run: copied from the previous version of this file (same "
                   "protocol and seeds; the method's code and defaults did not change since)."]

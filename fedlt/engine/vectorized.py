@@ -182,7 +182,7 @@ class VectorizedCohort:
         fixed.update(dict(model.named_buffers()))
         k = len(clients)
         stacked = {n: p.detach().unsqueeze(0).repeat(k, *([1] * p.dim())) for n, p in named.items() if p.requires_grad}
-        personal = [n for n in stacked if n in set(getattr(sim.method, "personal_keys", ()))]
+        personal = [n for n in stacked if n in set(sim.method.personal_keys)]
         for i, cid in enumerate(clients):
             stored = sim.store.get(cid) if personal else {}
             for n in personal:
@@ -293,7 +293,7 @@ class VectorizedCohort:
               ) -> list[tuple[dict[str, Tensor], int]]:
         """Every client's upload into the reducer and its personal parameters into the store."""
         sim = self.sim
-        personal = [n for n in stacked if n in set(getattr(sim.method, "personal_keys", ()))]
+        personal = [n for n in stacked if n in set(sim.method.personal_keys)]
         stacked_fold = type(sim.reducer).accumulate is Reducer.accumulate and not sim.reducer.extra_shapes
         if stacked_fold:  # one exact accumulation of every client's term (the same bits as one call per client)
             for _ in clients:

@@ -248,7 +248,7 @@ class FedMethod:
     data: Any
     trainer: LocalTrainer
     # Set by the engine after ``setup``: the model state-dict keys kept per client (``is_personal``).
-    personal_keys: tuple[str, ...]
+    personal_keys: tuple[str, ...] = ()
     # Where the authors' released code (the code behind the paper's tables) does something other than the paper
     # describes: the constructor arguments that select the code's behaviour, with the code's values. The defaults
     # follow the paper; ``configs/paper/`` files set these values. One named argument per difference; the table
@@ -355,7 +355,7 @@ class FedMethod:
     def personalizes(self) -> bool:
         """Whether PM differs from GM. By default: when some model keys are personal (the engine records them in
         ``personal_keys`` at setup). Methods whose personal *non-model* state changes PM override this."""
-        return bool(getattr(self, "personal_keys", ())) or bool(self.personal_prefixes)
+        return bool(self.personal_keys) or bool(self.personal_prefixes)
 
     # -- Lightning's client API (during a client's local fit) ---------------------------------------------------
     def log(self, name: str, value: Tensor | float, prog_bar: bool = False, logger: bool = True,
@@ -485,7 +485,7 @@ class FedMethod:
         from fedlt.models.base import FedModel
 
         cls = type(self)
-        keys = getattr(self, "personal_keys", ())
+        keys = self.personal_keys
         model = getattr(self, "model", None)
         return (bool(keys) and all(k.startswith("head.") for k in keys)
                 and cls.predict_personal is FedMethod.predict_personal

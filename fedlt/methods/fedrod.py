@@ -119,7 +119,7 @@ class FedRoD(FedAvg):
     @property
     def pm_shares_features(self) -> bool:
         """The body is shared: only ``p_head`` is personal, so the evaluator applies the heads to shared features."""
-        return all(k.startswith(_PERSONAL) for k in getattr(self, "personal_keys", ()))
+        return all(k.startswith(_PERSONAL) for k in self.personal_keys)
 
     def pm_logits(self, features: Tensor, client_id: int) -> Tensor:
         """z_g + h_k(features)."""
