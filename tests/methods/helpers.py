@@ -74,3 +74,25 @@ def user_package(tmp_path, monkeypatch, module: str, source: str) -> None:
             (root / parent / "__init__.py").touch()
     path.with_suffix(".py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(root))
+
+
+def personal_predictions(sim: Simulator, last_key: str, num: int = 8):
+    """For a method whose PM is each client's locally trained model: the clients that trained (their stored
+    ``last_key`` counter is positive; asserted to be some but not all), the GM logits of ``num`` test images, and
+    a generator of ``(client, PM logits)`` that leaves each client loaded in the workspace while it is inspected."""
+    data = sim.data
+    trained = {c for c in range(data.num_clients) if int(sim.store.get(c).get(last_key, 0)) > 0}
+    assert trained and len(trained) < data.num_clients
+    x = data.get_batch(data.test, torch.arange(num))[0]
+    sim.load_global()
+    sim.model.eval()
+    gm = sim.method.predict_global(x)
+
+    def clients():
+        for cid in range(data.num_clients):
+            sim.load_client(cid)
+            sim.method.prepare_personal(cid)
+            sim.model.eval()
+            yield cid, sim.method.predict_personal(x, cid)
+
+    return trained, x, gm, clients()

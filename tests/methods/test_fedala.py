@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import global_copy, run, tiny_data, tiny_sim
+from helpers import global_copy, personal_predictions, run, tiny_data, tiny_sim
 
 from fedlt.methods import FedAvg
 from fedlt.methods.fedala import (
@@ -208,17 +208,8 @@ def test_pm_is_the_trained_local_model_and_gm_the_global_model():
     data = tiny_data()
     sim = tiny_sim(_ala(), rounds=2, clients_per_round=3, data=data)
     run(sim)
-    trained = {c for c in range(data.num_clients) if int(sim.store.get(c).get(LAST, 0)) > 0}
-    assert trained and len(trained) < data.num_clients
-    x = data.get_batch(data.test, torch.arange(8))[0]
-    sim.load_global()
-    sim.model.eval()
-    gm = sim.method.predict_global(x)
-    for cid in range(data.num_clients):
-        sim.load_client(cid)
-        sim.method.prepare_personal(cid)
-        sim.model.eval()
-        pm = sim.method.predict_personal(x, cid)
+    trained, x, gm, clients = personal_predictions(sim, LAST)
+    for cid, pm in clients:
         if cid in trained:
             net = sim.method.state.net
             stored = sim.store.get(cid)
