@@ -143,8 +143,8 @@ def table(results: dict[str, list[dict]], seeds: list[int], rounds: int, command
             post.append(method)
     lines += rows.values()
     if post:
-        lines += ["", f"Rows {', '.join(post)}: the evaluation after the method's post-training stage (e.g. CCVR's "
-                  "classifier calibration), which the last evaluated rounds do not include."]
+        lines += ["", f"{', '.join(post)}: the cells are the evaluation after the method's post-training stage "
+                  "(CCVR's classifier calibration), not a mean over the last evaluated rounds."]
     if any("(kept) |" in r for r in rows.values()):
         lines += ["", "Rows marked (kept) were not re-run: copied from the previous version of this file (same "
                   "protocol and seeds; the method's code and defaults did not change since)."]
