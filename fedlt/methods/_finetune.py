@@ -52,6 +52,7 @@ def finetune(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     cached: tuple[Tensor, Tensor] | None = None,
+    batch_size: int | None = None,
 ) -> int:
     """``epochs`` shuffled passes of mini-batch SGD over ``params`` on client ``client_id``'s data, with the
     method's batch size and gradient clipping and the model in train mode, through the engine's trainer.
@@ -64,8 +65,10 @@ def finetune(
         epochs: number of passes.
         lr, momentum, weight_decay: the SGD settings.
         generator: shuffles the batches and draws the augmentations.
-        cached: ``(inputs, labels)`` of the client precomputed by the caller (e.g. frozen-body features); by
-            default the client's training split is read with augmentation, as in local training.
+        cached: ``(inputs, labels)`` of the client precomputed by the caller (e.g. frozen-body features, or
+            server-side virtual features); by default the client's training split is read with augmentation, as
+            in local training.
+        batch_size: the mini-batch size; None: the method's ``batch_size``.
 
     Returns:
         The number of optimizer steps taken.
@@ -81,7 +84,7 @@ def finetune(
     )
     optimizer = torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)
     method.model.train()
-    order = trainer.batch_indices(indices, ctx, method.batch_size, epochs)
+    order = trainer.batch_indices(indices, ctx, batch_size or method.batch_size, epochs)
     if cached is None:
         batches = (data.get_batch(data.train, idx, generator, train=True)[:2] for idx in order)
     else:

@@ -7,10 +7,11 @@ the rank). The tags keep the streams of different methods and purposes apart.
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedlt.engine.params import copy_tensors_
 
@@ -34,6 +35,17 @@ def balanced_indices(labels: Tensor, num_classes: int, per_class: int, generator
         perm = torch.randperm(int(idx.numel()), generator=generator)[:per_class]
         picks.append(idx[perm])
     return torch.cat(picks).to(labels.device)
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def frozen_copy(model: _M) -> _M:
+    """A copy of ``model`` without gradients, made once per rank at setup (a teacher, the global or a previous
+    model held next to the workspace; never one copy per client)."""
+    net = copy.deepcopy(model)
+    net.requires_grad_(False)
+    return net
 
 
 def load_global_into_workspace(method: Any, global_state: dict[str, Tensor]) -> None:

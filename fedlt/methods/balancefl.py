@@ -66,8 +66,7 @@ Paper vs released code (``BalanceFL.released_code``; docs/paper_vs_code.md):
 
 from __future__ import annotations
 
-import copy
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +74,7 @@ from torch import Tensor, nn
 
 from fedlt.engine.params import copy_tensors_, model_tensors
 from fedlt.losses import CrossEntropy
+from fedlt.methods._lt_common import frozen_copy
 from fedlt.methods.base import METHODS
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import ClientContext, PaperRef, StepOutput
@@ -86,7 +86,6 @@ if TYPE_CHECKING:
 MISSING_CLASSES = ("client", "batch")
 TEACHER_MODES = ("eval", "train")
 _STATS_CHUNK = 512  # samples per forward pass of the eval-mode statistics pass
-_M = TypeVar("_M", bound=nn.Module)
 
 
 # -- the loss terms ----------------------------------------------------------------------------------------------
@@ -190,12 +189,6 @@ def augment_features(features: Tensor, mask: Tensor, noise: Tensor) -> Tensor:
     return features + delta
 
 
-def _frozen_copy(model: _M) -> _M:
-    net = copy.deepcopy(model)
-    net.requires_grad_(False)
-    return net
-
-
 @METHODS.register("balancefl")
 class BalanceFL(FedAvg):
     """FedAvg whose clients self-balance their local update: knowledge inheritance of the missing classes from the
@@ -278,7 +271,7 @@ class BalanceFL(FedAvg):
         """Keeps one frozen copy of the network per rank for the global model (the teacher), reloaded per client."""
         super().setup(model, data, trainer)
         if self._needs_teacher:
-            self._teacher = _frozen_copy(self.model)
+            self._teacher = frozen_copy(self.model)
 
     # -- client half -----------------------------------------------------------------------------------------
     def on_client_start(self, ctx: ClientContext) -> None:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedlt.engine.sharding import seeded_generator
-from fedlt.methods._finetune import client_features
+from fedlt.methods._finetune import client_features, finetune, trainable_only
 from fedlt.methods._lt_common import load_global_into_workspace
 from fedlt.methods.base import METHODS
 from fedlt.methods.fedavg import FedAvg
@@ -170,18 +170,13 @@ class CCVR(FedAvg):
 
     def calibrate_head(self, feats: Tensor, labels: Tensor) -> None:
         """Re-trains the workspace model's head (from its current weights) with cross-entropy on ``(feats,
-        labels)``: SGD, ``calibration_epochs`` passes, batches reshuffled every pass from a seeded generator."""
+        labels)``: SGD through the engine's trainer (:func:`~fedlt.methods._finetune.finetune`),
+        ``calibration_epochs`` passes, batches reshuffled every pass from a seeded generator."""
         head = self.model.head
-        params = [p for p in head.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.calibration_lr, momentum=self.calibration_momentum)
-        head.train()
-        for epoch in range(self.calibration_epochs):
-            order = torch.randperm(len(labels), generator=seeded_generator(self.run.seed, "ccvr-shuffle", epoch))
-            for part in order.to(labels.device).split(self.calibration_batch_size):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(head(feats[part]), labels[part]).backward()
-                opt.step()
-        opt.zero_grad(set_to_none=True)
+        with trainable_only(self.model, list(head.parameters())) as params:
+            finetune(self, 0, params, lambda h, y: F.cross_entropy(head(h), y), self.calibration_epochs,
+                     self.calibration_lr, seeded_generator(self.run.seed, "ccvr-shuffle"),
+                     self.calibration_momentum, cached=(feats, labels), batch_size=self.calibration_batch_size)
 
     def on_fit_end(self, simulator: Any) -> bool:
         """Steps 1-3 of the module docstring on every rank; the calibrated head becomes the global head."""

@@ -51,7 +51,6 @@ Paper vs released code (``MOON.released_code``; docs/paper_vs_code.md):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -61,6 +60,7 @@ from torch import Tensor, nn
 
 from fedlt.engine.params import copy_tensors_, model_tensors
 from fedlt.engine.sharding import derive_seed
+from fedlt.methods._lt_common import frozen_copy
 from fedlt.methods.base import METHODS, submodule
 from fedlt.methods.fedavg import FedAvg
 from fedlt.types import ClientContext, ClientUpdate, PaperRef, StepOutput
@@ -143,13 +143,6 @@ def _reinitialise(net: nn.Module) -> None:
         init()
 
 
-def _frozen_copy(model: FedModel) -> FedModel:
-    net = copy.deepcopy(model)
-    net.eval()
-    net.requires_grad_(False)
-    return net
-
-
 @METHODS.register("moon")
 class MOON(FedAvg):
     """FedAvg whose clients add mu * the model-contrastive loss (positive: the global model's representation,
@@ -205,10 +198,11 @@ class MOON(FedAvg):
                     derive_seed(self.run.seed, _PROJ_TAG))
                 head = ProjectedHead(self.model.num_features, self.proj_dim, self.num_classes)
             model.head = head.to(device=weight.device, dtype=weight.dtype)  # keeps the name ``head`` (FedModel)
-        self._global_net = _frozen_copy(self.model)
-        self._prev_net = _frozen_copy(self.model)
+        self._global_net = frozen_copy(self.model).eval()
+        self._prev_net = frozen_copy(self.model).eval()
         if self.missing_prev == "random_init":
-            self._init_net = _frozen_copy(self.model).cpu()
+            self._init_net = frozen_copy(self.model).eval().cpu()
+            self._scratch_net = frozen_copy(self._init_net)  # re-initialised in place for each client
 
     def client_state_template(self) -> dict[str, Tensor]:
         return {PREV + k: torch.zeros_like(v.detach()) for k, v in self.shared_tensors.items()}
@@ -235,12 +229,14 @@ class MOON(FedAvg):
         tensors of a copy of the initial model with every layer re-initialised from the global RNG seeded by
         (experiment seed, client), on the CPU (the same draw on every rank, in every round)."""
         assert self._init_net is not None, "random_init needs missing_prev='random_init'"
-        net = copy.deepcopy(self._init_net)
+        net = self._scratch_net
+        init, scratch = model_tensors(self._init_net), model_tensors(net)
+        copy_tensors_([scratch[k] for k in init], list(init.values()))  # a fresh copy of the initial model
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(  # CPU only: fork_rng restores it
                 derive_seed(self.run.seed, _RANDOM_INIT_TAG, client_id))
             _reinitialise(net)
-        return {k: v.detach() for k, v in model_tensors(net).items()}
+        return {k: v.detach().clone() for k, v in model_tensors(net).items()}
 
     def training_step(self, batch: tuple[Tensor, ...], ctx: ClientContext) -> StepOutput:
         """l_sup(F_w(x), y) + mu * l_con(z, z_glob, z_prev) (l_con = 0 without a previous model)."""

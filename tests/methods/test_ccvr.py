@@ -100,7 +100,6 @@ def test_calibration_changes_only_the_head_and_fits_the_virtual_features(trained
     assert changed == {k for k in before if k.startswith("head.")}
     sim.load_global()
     assert float(F.cross_entropy(sim.model.head(feats), labels)) < loss_before
-    assert sim.evaluate()["test/global/acc"] >= 0.0
 
 
 def test_calibration_is_deterministic():
